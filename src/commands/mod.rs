@@ -1,0 +1,127 @@
+//! One file per command. Commands wire the layers together; they never build
+//! S3 requests or parse protocol messages themselves.
+
+pub mod keygen;
+
+use std::sync::Arc;
+
+use crate::cli::{Cli, Command};
+use crate::config::{self, Config};
+use crate::error::{Error, Result, ResultExt};
+use crate::pipeline::{Opener, seal};
+use crate::repo::{PublicKey, SigningKey};
+use crate::storage::{self, Store, StoreUrl};
+
+/// What every command gets: the configuration and ways to open what it needs.
+pub struct Ctx {
+    pub config: Config,
+}
+
+impl Ctx {
+    /// Opens the repository's store: the backend, fault injection when
+    /// WALVAULT_TEST_FAULTS is set (tests only), and the retry wrapper.
+    pub async fn store(&self) -> Result<Store> {
+        open_store(&self.config).await
+    }
+
+    pub fn signing_key(&self) -> Result<SigningKey> {
+        let path = &self.config.signing.key_file;
+        Ok(SigningKey::load(std::path::Path::new(path))?)
+    }
+
+    /// The pinned signing key, if configured.
+    pub fn pinned_key(&self) -> Result<Option<PublicKey>> {
+        let k = self.config.signing.public_key.trim();
+        if k.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(PublicKey::parse(k).context("signing.public_key")?))
+    }
+
+    pub fn recipients(&self) -> Result<Vec<age::x25519::Recipient>> {
+        if self.config.encryption.recipients.is_empty() {
+            return Err(Error::with_hint(
+                "no encryption recipient configured (encryption.recipients)",
+                "set encryption.recipients to the age public key printed by `walvault keygen`",
+            ));
+        }
+        self.config.encryption.recipients.iter().map(|r| Ok(seal::parse_recipient(r).context("encryption.recipients")?)).collect()
+    }
+
+    /// The restore identity, for restore and verify --deep.
+    pub fn opener(&self) -> Result<Opener> {
+        let path = self.config.encryption.identity_file.trim();
+        if path.is_empty() {
+            return Err(Error::with_hint(
+                "this needs the restore identity, and encryption.identity_file is not set",
+                "set encryption.identity_file to the restore.key written by `walvault keygen`",
+            ));
+        }
+        let path = std::path::Path::new(path);
+        config::check_private(path).map_err(Error::from).context("encryption.identity_file")?;
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read identity file {}", path.display()))?;
+        let ids = seal::parse_identities(&text, &path.display().to_string())?;
+        Ok(Opener::new(ids)?)
+    }
+}
+
+pub async fn open_store(config: &Config) -> Result<Store> {
+    let repo = &config.repository;
+    let url = StoreUrl::parse(&repo.url).map_err(|m| Error::Config(config::ConfigError::Invalid(m)))?;
+    let backend: Store = match url {
+        StoreUrl::File(path) => Arc::new(storage::fs::FileStore::new(path).context("cannot open the repository directory")?),
+        StoreUrl::S3 { bucket, prefix } => {
+            let opts = storage::s3::S3Options {
+                bucket,
+                prefix,
+                endpoint: Some(repo.endpoint.clone()).filter(|s| !s.is_empty()),
+                region: Some(repo.region.clone()).filter(|s| !s.is_empty()),
+                path_style: repo.path_style,
+                access_key_id: Some(repo.access_key_id.clone()).filter(|s| !s.is_empty()),
+                secret_access_key: Some(repo.secret_access_key.clone()).filter(|s| !s.is_empty()),
+                session_token: None,
+                checksums: repo.checksums,
+            };
+            Arc::new(storage::s3::S3Store::connect(opts).await?)
+        }
+    };
+    let backend: Store = match std::env::var("WALVAULT_TEST_FAULTS") {
+        Ok(spec) if !spec.is_empty() => {
+            let rules = storage::faults::parse_spec(&spec).map_err(Error::failed)?;
+            let seed = std::env::var("WALVAULT_TEST_FAULTS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(1);
+            tracing::warn!(spec, "fault injection is active (WALVAULT_TEST_FAULTS)");
+            Arc::new(storage::faults::FaultStore::new(backend, rules, seed))
+        }
+        _ => backend,
+    };
+    let policy = storage::retry::RetryPolicy { attempts: repo.retries, attempt_timeout: repo.timeout, ..Default::default() };
+    Ok(Arc::new(storage::retry::RetryStore::new(backend, policy)))
+}
+
+/// Runs the parsed command line; returns the exit code.
+pub async fn run(cli: Cli) -> Result<i32> {
+    let ctx = if cli.command.needs_config() {
+        let env: std::collections::BTreeMap<String, String> = std::env::vars().collect();
+        Some(Ctx { config: config::load(cli.config.as_deref(), &env, &cli.set)? })
+    } else {
+        None
+    };
+    let ctx = || ctx.as_ref().expect("config loaded for this command");
+    match cli.command {
+        Command::Keygen(args) => keygen::run(&args),
+        Command::Completions(args) => {
+            use clap::CommandFactory;
+            clap_complete::generate(args.shell, &mut Cli::command(), "walvault", &mut std::io::stdout());
+            Ok(0)
+        }
+        Command::Man => {
+            use clap::CommandFactory;
+            clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
+            Ok(0)
+        }
+        other => {
+            let _ = ctx;
+            Err(Error::failed(format!("{other:?}: not implemented yet")))
+        }
+    }
+}

@@ -1,0 +1,55 @@
+//! PostgreSQL: a replication-protocol client on postgres-protocol + tokio, the
+//! WAL coordinate types, WAL page-header checks, BASE_BACKUP and the WAL
+//! streamer, and recovery configuration.
+
+pub mod conn;
+pub mod conninfo;
+pub mod lsn;
+pub mod walheader;
+
+pub use lsn::{Lsn, TimelineId, WalSegmentName};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PgError {
+    #[error("invalid connection string: {0}")]
+    Conninfo(String),
+    #[error("cannot connect to PostgreSQL at {target}: {message}")]
+    Connect { target: String, message: String },
+    #[error("PostgreSQL authentication failed for user \"{user}\": {message}")]
+    Auth { user: String, message: String },
+    #[error("TLS to PostgreSQL: {0}")]
+    Tls(String),
+    #[error("PostgreSQL: {message} (SQLSTATE {code}){}", detail.as_ref().map(|d| format!("; {d}")).unwrap_or_default())]
+    Server { code: String, message: String, detail: Option<String>, hint: Option<String> },
+    #[error("unexpected message from PostgreSQL: {0}")]
+    Protocol(String),
+    #[error("connection to PostgreSQL lost: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+impl PgError {
+    /// The SQLSTATE of a server error.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            PgError::Server { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+
+    pub fn hint(&self) -> Option<String> {
+        Some(match self {
+            PgError::Server { hint: Some(h), .. } => h.clone(),
+            PgError::Server { code, .. } if code == "28000" => {
+                "allow the connection in pg_hba.conf, e.g. `host replication walvault 10.0.0.5/32 scram-sha-256` (the database must be `replication`)".into()
+            }
+            PgError::Server { code, .. } if code == "42501" => "grant the role replication: ALTER ROLE walvault REPLICATION".into(),
+            PgError::Server { code, .. } if code == "53300" => "raise max_wal_senders on the server (and restart it)".into(),
+            PgError::Auth { .. } => "check the password (conninfo password, PGPASSWORD or ~/.pgpass) and the pg_hba.conf method".into(),
+            PgError::Connect { .. } => "check postgres.conninfo (host, port), that the server runs and accepts connections".into(),
+            PgError::Tls(_) => "check sslmode, sslrootcert and the server's certificate".into(),
+            _ => return None,
+        })
+    }
+}
