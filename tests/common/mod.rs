@@ -1,0 +1,6 @@
+//! The shared test harness: throwaway PostgreSQL clusters, an S3-protocol
+//! server, and helpers to drive the built `walvault` binary.
+#![allow(dead_code)]
+
+pub mod pg;
+pub mod s3;

@@ -1,0 +1,1 @@
+//! Throwaway PostgreSQL clusters (filled in by the pg-client work).
