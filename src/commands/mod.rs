@@ -1,6 +1,9 @@
 //! One file per command. Commands wire the layers together; they never build
 //! S3 requests or parse protocol messages themselves.
 
+pub mod archive_get;
+pub mod archive_push;
+pub mod init;
 pub mod keygen;
 
 use std::sync::Arc;
@@ -9,12 +12,16 @@ use crate::cli::{Cli, Command};
 use crate::config::{self, Config};
 use crate::error::{Error, Result, ResultExt};
 use crate::pipeline::{Opener, seal};
-use crate::repo::{PublicKey, SigningKey};
+use crate::repo::descriptor::LoadedDescriptor;
+use crate::repo::wal::{WalArchive, WalWriter};
+use crate::repo::{Descriptor, PublicKey, SigningKey};
 use crate::storage::{self, Store, StoreUrl};
 
 /// What every command gets: the configuration and ways to open what it needs.
 pub struct Ctx {
     pub config: Config,
+    /// The `--set` flags, passed on to helper processes.
+    pub overrides: Vec<String>,
 }
 
 impl Ctx {
@@ -46,6 +53,40 @@ impl Ctx {
             ));
         }
         self.config.encryption.recipients.iter().map(|r| Ok(seal::parse_recipient(r).context("encryption.recipients")?)).collect()
+    }
+
+    /// The descriptor, verified with the agent's own key (for commands that write).
+    pub async fn agent_descriptor(&self, store: &Store, key: &SigningKey) -> Result<Arc<LoadedDescriptor>> {
+        if let Some(pinned) = self.pinned_key()? {
+            if pinned != key.public() {
+                return Err(Error::with_hint(
+                    format!("signing.key_file holds {}, but signing.public_key pins {pinned}", key.public()),
+                    "use the agent key that matches the pinned public key, or update the pin",
+                ));
+            }
+        }
+        let desc = Descriptor::load(store.as_ref(), Some(key.public())).await?;
+        let configured: Vec<String> = self.config.encryption.recipients.iter().map(|r| r.trim().to_string()).collect();
+        if !configured.is_empty() && configured != desc.descriptor.recipients {
+            tracing::warn!(
+                "encryption.recipients differ from the repository's; objects are sealed to the repository's recipients until `walvault init` updates them"
+            );
+        }
+        Ok(Arc::new(desc))
+    }
+
+    /// The descriptor for readers (restore, archive-get, verify, info): verified
+    /// with the pinned key when there is one, else with the key it names itself.
+    pub async fn reader_descriptor(&self, store: &Store) -> Result<Arc<LoadedDescriptor>> {
+        Ok(Arc::new(Descriptor::load(store.as_ref(), self.pinned_key()?).await?))
+    }
+
+    /// The WAL archive, for writing.
+    pub async fn wal_writer(&self, store: Store) -> Result<WalArchive> {
+        let key = Arc::new(self.signing_key()?);
+        let desc = self.agent_descriptor(&store, &key).await?;
+        let sealer = desc.descriptor.sealer(self.config.compression.level)?;
+        Ok(WalArchive::new(store, desc, Some(WalWriter { key, sealer })))
     }
 
     /// The restore identity, for restore and verify --deep.
@@ -102,7 +143,7 @@ pub async fn open_store(config: &Config) -> Result<Store> {
 pub async fn run(cli: Cli) -> Result<i32> {
     let ctx = if cli.command.needs_config() {
         let env: std::collections::BTreeMap<String, String> = std::env::vars().collect();
-        Some(Ctx { config: config::load(cli.config.as_deref(), &env, &cli.set)? })
+        Some(Ctx { config: config::load(cli.config.as_deref(), &env, &cli.set)?, overrides: cli.set.clone() })
     } else {
         None
     };
@@ -119,6 +160,10 @@ pub async fn run(cli: Cli) -> Result<i32> {
             clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
             Ok(0)
         }
+        Command::Init => init::run(ctx()).await,
+        Command::ArchivePush(args) => archive_push::run(ctx(), &args).await,
+        Command::ArchiveGet(args) => archive_get::run(ctx(), &args).await,
+        Command::ArchiveGetPrefetch(args) => archive_get::prefetch_worker(ctx(), &args).await,
         other => {
             let _ = ctx;
             Err(Error::failed(format!("{other:?}: not implemented yet")))

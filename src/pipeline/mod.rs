@@ -1,6 +1,7 @@
 //! hash -> compress -> encrypt, and back. Blocking work runs on a CPU pool sized
 //! to the cores; callers stream through fixed buffers so memory stays bounded.
 
+pub mod bridge;
 pub mod pool;
 pub mod seal;
 

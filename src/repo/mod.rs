@@ -4,7 +4,9 @@
 
 pub mod descriptor;
 pub mod layout;
+pub mod record;
 pub mod signing;
+pub mod wal;
 
 pub use descriptor::{ClusterInfo, Descriptor};
 pub use signing::{PublicKey, SigningKey};
