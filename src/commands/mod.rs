@@ -3,6 +3,8 @@
 
 pub mod archive_get;
 pub mod archive_push;
+pub mod backup;
+pub mod info;
 pub mod init;
 pub mod keygen;
 
@@ -161,6 +163,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Command::Init => init::run(ctx()).await,
+        Command::Backup(args) => backup::run(ctx(), &args).await,
         Command::ArchivePush(args) => archive_push::run(ctx(), &args).await,
         Command::ArchiveGet(args) => archive_get::run(ctx(), &args).await,
         Command::ArchiveGetPrefetch(args) => archive_get::prefetch_worker(ctx(), &args).await,

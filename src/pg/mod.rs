@@ -2,9 +2,11 @@
 //! WAL coordinate types, WAL page-header checks, BASE_BACKUP and the WAL
 //! streamer, and recovery configuration.
 
+pub mod basebackup;
 pub mod conn;
 pub mod conninfo;
 pub mod lsn;
+pub mod tar;
 pub mod walheader;
 
 pub use lsn::{Lsn, TimelineId, WalSegmentName};

@@ -85,6 +85,19 @@ impl Sealer {
         Ok(SealSummary { plain_len, plain_hash: plain_hasher.finalize(), stored_len, stored_hash })
     }
 
+    /// Encrypts data that is already compressed (a blob of zstd frames); returns
+    /// the stored bytes and their blake3.
+    pub fn encrypt(&self, data: &[u8]) -> Result<(Vec<u8>, blake3::Hash), SealError> {
+        let encryptor = age::Encryptor::with_recipients(self.recipients.iter().map(|r| r as &dyn age::Recipient))
+            .map_err(|e| SealError::Encrypt(e.to_string()))?;
+        let mut out = Vec::with_capacity(data.len() + 256 + data.len() / 4096);
+        let mut w = encryptor.wrap_output(&mut out).map_err(SealError::Io)?;
+        w.write_all(data).map_err(SealError::Io)?;
+        w.finish().map_err(SealError::Io)?;
+        let hash = blake3::hash(&out);
+        Ok((out, hash))
+    }
+
     /// Seals a small object in memory.
     pub fn seal_bytes(&self, plain: &[u8]) -> Result<(Vec<u8>, SealSummary), SealError> {
         let mut out = Vec::with_capacity(plain.len() / 4 + 512);
@@ -166,6 +179,15 @@ impl Opener {
         }
         output.flush().map_err(SealError::Io)?;
         Ok(summary)
+    }
+
+    /// Decrypts a blob written by [`Sealer::encrypt`].
+    pub fn decrypt(&self, stored: &[u8]) -> Result<Vec<u8>, SealError> {
+        let decryptor = age::Decryptor::new(stored).map_err(map_decrypt_error)?;
+        let mut reader = decryptor.decrypt(self.identities.iter().map(|i| i as &dyn age::Identity)).map_err(map_decrypt_error)?;
+        let mut out = Vec::with_capacity(stored.len());
+        reader.read_to_end(&mut out).map_err(classify_read_error)?;
+        Ok(out)
     }
 
     /// Opens a small object in memory; checks the stored hash before decrypting.

@@ -2,8 +2,13 @@
 //! records, packs, backup manifests, the catalog built from them, retention and
 //! locks. The exact format is written down in docs/REPOSITORY.md.
 
+pub mod backup_writer;
+pub mod chunk;
 pub mod descriptor;
 pub mod layout;
+pub mod lock;
+pub mod manifest;
+pub mod pack;
 pub mod record;
 pub mod signing;
 pub mod wal;

@@ -1,0 +1,393 @@
+//! Turns a stream of files (from BASE_BACKUP's tar streams) into chunks in
+//! packs and a file list. Data flows one way with bounded queues:
+//!
+//! ```text
+//! receiver -> chunk buffer -> batches (~1 MiB) -> CPU pool (hash, compress, seal)
+//!          -> results in order -> blobs appended to the current pack -> uploads
+//!                              -> file entries, in tar order, into the file list
+//! ```
+//!
+//! Memory is bounded by the batches in flight (a few MiB), the packs being
+//! uploaded (on local disk, not in memory) and the chunk index.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+
+use super::chunk::{BATCH_BYTES, BatchResult, CHUNK_SIZE, ChunkId, FileHasher, PendingChunk, process_batch};
+use super::manifest::{BackupStats, BlobRun, FileEntry, FileKind, FilesHeader, FilesWriter};
+use super::pack::{ChunkIndex, PackIndex, PackInfo, PackWriter, upload_pack};
+use super::{RepoError, SigningKey};
+use crate::pg::tar::{EntryKind, TarEntry};
+use crate::pipeline::{CpuPool, Sealer, cpu_pool};
+use crate::storage::Store;
+
+/// Chunks per batch at most (small files make many small chunks).
+const BATCH_CHUNKS: usize = 256;
+/// Pack uploads in flight at once.
+const UPLOADS: usize = 2;
+
+pub struct WriterSettings {
+    pub store: Store,
+    pub key: Arc<SigningKey>,
+    pub sealer: Sealer,
+    pub chunk_key: [u8; 32],
+    pub known: Arc<ChunkIndex>,
+    pub backup_id: String,
+    pub spool: PathBuf,
+    pub pack_size: u64,
+    pub parallel: usize,
+}
+
+/// Where a chunk stored by this backup lives (its pack is numbered in the
+/// manifest's pack list).
+#[derive(Clone)]
+struct NewChunk {
+    pack: u32,
+    blob_offset: u64,
+    blob_len: u32,
+    blob_hash: String,
+    frame_offset: u32,
+    frame_len: u32,
+    raw_len: u32,
+}
+
+/// A file between its tar header and its last chunk result.
+struct OpenFile {
+    entry: FileEntry,
+    chunks_expected: Option<u64>,
+    chunks_done: u64,
+    hasher: FileHasher,
+}
+
+struct InFlight {
+    chunks: Vec<(u64, bool)>,
+    task: tokio::task::JoinHandle<Result<BatchResult, crate::pipeline::SealError>>,
+}
+
+pub struct BackupWriter {
+    s: WriterSettings,
+    pool: CpuPool,
+    files: FilesWriter,
+    /// Files in tar order, from the first not yet written to the file list.
+    open: VecDeque<OpenFile>,
+    first_seq: u64,
+    /// The file receiving data: its sequence number, bytes seen, and chunk buffer.
+    current: Option<(u64, u64, BytesMut, bool)>,
+    batch: Vec<PendingChunk>,
+    batch_meta: Vec<(u64, bool)>,
+    batch_bytes: usize,
+    in_flight: VecDeque<InFlight>,
+    new_chunks: HashMap<ChunkId, NewChunk>,
+    /// The manifest's pack list, and each pack id's number in it.
+    packs: Vec<PackInfo>,
+    pack_numbers: HashMap<String, u32>,
+    pack: Option<(PackWriter, u32)>,
+    uploads: FuturesUnordered<tokio::task::JoinHandle<Result<(), RepoError>>>,
+    referenced_blobs: std::collections::HashSet<(u32, u64)>,
+    pub stats: BackupStats,
+}
+
+impl BackupWriter {
+    pub fn new(s: WriterSettings, header: &FilesHeader) -> Result<BackupWriter, RepoError> {
+        std::fs::create_dir_all(&s.spool).map_err(|e| RepoError::Invalid(format!("cannot create spool {}: {e}", s.spool.display())))?;
+        let files = FilesWriter::create(s.spool.join("files.jsonl"), header)
+            .map_err(|e| RepoError::Invalid(format!("cannot write to spool {}: {e}", s.spool.display())))?;
+        Ok(BackupWriter {
+            pool: cpu_pool().clone(),
+            s,
+            files,
+            open: VecDeque::new(),
+            first_seq: 0,
+            current: None,
+            batch: Vec::new(),
+            batch_meta: Vec::new(),
+            batch_bytes: 0,
+            in_flight: VecDeque::new(),
+            new_chunks: HashMap::new(),
+            packs: Vec::new(),
+            pack_numbers: HashMap::new(),
+            pack: None,
+            uploads: FuturesUnordered::new(),
+            referenced_blobs: Default::default(),
+            stats: BackupStats::default(),
+        })
+    }
+
+    fn spool_err(&self, e: std::io::Error) -> RepoError {
+        RepoError::Invalid(format!("spool {}: {e}", self.s.spool.display()))
+    }
+
+    /// A new tar member. `prefix` places tablespace members under pg_tblspc/<oid>/.
+    pub async fn begin_entry(&mut self, entry: &TarEntry, prefix: &str) -> Result<(), RepoError> {
+        let path = if prefix.is_empty() { entry.path.clone() } else { format!("{prefix}/{}", entry.path) };
+        let seq = self.first_seq + self.open.len() as u64;
+        let kind: FileKind = entry.kind.into();
+        let file = OpenFile {
+            entry: FileEntry {
+                path,
+                kind,
+                size: entry.size,
+                mode: entry.mode,
+                mtime: entry.mtime,
+                target: entry.link_target.clone(),
+                blake3: None,
+                blobs: Vec::new(),
+            },
+            chunks_expected: if entry.kind == EntryKind::File { None } else { Some(0) },
+            chunks_done: 0,
+            hasher: FileHasher::new(),
+        };
+        match entry.kind {
+            EntryKind::File => {
+                self.stats.files += 1;
+                self.stats.bytes += entry.size;
+                let whole = entry.size <= CHUNK_SIZE as u64;
+                self.current = Some((seq, 0, BytesMut::with_capacity(CHUNK_SIZE.min(entry.size as usize)), whole));
+            }
+            EntryKind::Dir => self.stats.directories += 1,
+            EntryKind::Symlink => {}
+        }
+        self.open.push_back(file);
+        self.drain_complete()
+    }
+
+    /// Data of the current file.
+    pub async fn data(&mut self, mut data: &[u8]) -> Result<(), RepoError> {
+        while !data.is_empty() {
+            let (seq, offset, buf, whole) = self.current.as_mut().ok_or_else(|| RepoError::Invalid("file data outside a file".into()))?;
+            let room = CHUNK_SIZE - buf.len();
+            let n = room.min(data.len());
+            buf.extend_from_slice(&data[..n]);
+            data = &data[n..];
+            if buf.len() == CHUNK_SIZE {
+                let chunk = buf.split().freeze();
+                let (seq, off, whole) = (*seq, *offset, *whole);
+                *offset += CHUNK_SIZE as u64;
+                self.queue_chunk(seq, chunk, off, whole).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The current file's data is complete.
+    pub async fn end_entry(&mut self) -> Result<(), RepoError> {
+        let Some((seq, offset, buf, whole)) = self.current.take() else { return Ok(()) };
+        let mut chunks = offset / CHUNK_SIZE as u64;
+        if !buf.is_empty() {
+            self.queue_chunk(seq, buf.freeze(), offset, whole).await?;
+            chunks += 1;
+        }
+        let idx = (seq - self.first_seq) as usize;
+        self.open[idx].chunks_expected = Some(chunks);
+        self.drain_complete()
+    }
+
+    async fn queue_chunk(&mut self, seq: u64, data: Bytes, file_offset: u64, whole: bool) -> Result<(), RepoError> {
+        self.batch_bytes += data.len();
+        self.batch.push(PendingChunk { data, file_offset, whole_file: whole });
+        self.batch_meta.push((seq, whole));
+        if self.batch_bytes >= BATCH_BYTES || self.batch.len() >= BATCH_CHUNKS {
+            self.submit().await?;
+        }
+        Ok(())
+    }
+
+    /// Hands the batch to the CPU pool; waits for the oldest batch when enough are in flight.
+    async fn submit(&mut self) -> Result<(), RepoError> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        while self.in_flight.len() >= self.pool.size() + 2 {
+            self.complete_oldest().await?;
+        }
+        let chunks = std::mem::take(&mut self.batch);
+        let meta = std::mem::take(&mut self.batch_meta);
+        self.batch_bytes = 0;
+        let (key, known, sealer, pool) = (self.s.chunk_key, self.s.known.clone(), self.s.sealer.clone(), self.pool.clone());
+        let task = tokio::spawn(async move { pool.run(move || process_batch(chunks, &key, known.as_ref(), &sealer)).await });
+        self.in_flight.push_back(InFlight { chunks: meta, task });
+        Ok(())
+    }
+
+    async fn complete_oldest(&mut self) -> Result<(), RepoError> {
+        let Some(job) = self.in_flight.pop_front() else { return Ok(()) };
+        let result = job.task.await.map_err(|e| RepoError::Invalid(format!("chunk worker failed: {e}")))??;
+        self.apply(job.chunks, result).await
+    }
+
+    /// Records a batch's results, in order: blob into the pack, chunk references
+    /// into their files.
+    async fn apply(&mut self, meta: Vec<(u64, bool)>, result: BatchResult) -> Result<(), RepoError> {
+        let mut blob_at: Option<(u32, u32, u64, u32, String)> = None;
+        if let Some(blob) = &result.blob {
+            let (writer, pack_no) = self.current_pack()?;
+            let (blob_no, offset) = writer.add_blob(&blob.bytes, &blob.hash).map_err(|e| RepoError::Invalid(format!("spool: {e}")))?;
+            blob_at = Some((pack_no, blob_no, offset, blob.bytes.len() as u32, blob.hash.to_hex().to_string()));
+            self.stats.stored_new += blob.bytes.len() as u64;
+        }
+        for (chunk, (seq, whole)) in result.chunks.into_iter().zip(meta) {
+            self.stats.chunks += 1;
+            let loc = match (chunk.frame, &blob_at, self.new_chunks.get(&chunk.id)) {
+                (_, _, Some(existing)) => existing.clone(),
+                (Some(frame), Some((pack_no, blob_no, offset, len, hash)), None) => {
+                    let loc = NewChunk {
+                        pack: *pack_no,
+                        blob_offset: *offset,
+                        blob_len: *len,
+                        blob_hash: hash.clone(),
+                        frame_offset: frame.offset,
+                        frame_len: frame.len,
+                        raw_len: chunk.raw_len,
+                    };
+                    self.pack.as_mut().expect("pack open").0.add_chunk(&chunk.id, *blob_no, frame, chunk.raw_len);
+                    self.new_chunks.insert(chunk.id, loc.clone());
+                    self.stats.chunks_new += 1;
+                    self.stats.bytes_new += chunk.raw_len as u64;
+                    loc
+                }
+                _ => {
+                    let known = self.s.known.clone();
+                    let (loc, blob, pack) = known
+                        .get(&chunk.id)
+                        .ok_or_else(|| RepoError::Invalid("a chunk reported known is not in the index (internal error)".into()))?;
+                    let pack_no = self.pack_number(pack);
+                    NewChunk {
+                        pack: pack_no,
+                        blob_offset: blob.offset,
+                        blob_len: blob.len,
+                        blob_hash: blake3::Hash::from_bytes(blob.hash).to_hex().to_string(),
+                        frame_offset: loc.frame.offset,
+                        frame_len: loc.frame.len,
+                        raw_len: loc.raw_len,
+                    }
+                }
+            };
+            if self.referenced_blobs.insert((loc.pack, loc.blob_offset)) {
+                self.stats.stored_referenced += loc.blob_len as u64;
+            }
+            let file = &mut self.open[(seq - self.first_seq) as usize];
+            file.hasher.push(chunk.cv, whole);
+            file.chunks_done += 1;
+            let c = (loc.frame_offset, loc.frame_len, loc.raw_len, hex::encode(chunk.id));
+            match file.entry.blobs.last_mut() {
+                Some(run) if run.p == loc.pack && run.o == loc.blob_offset => run.c.push(c),
+                _ => file.entry.blobs.push(BlobRun { p: loc.pack, o: loc.blob_offset, l: loc.blob_len, h: loc.blob_hash, c: vec![c] }),
+            }
+        }
+        self.drain_complete()?;
+        let full = self.pack.as_ref().is_some_and(|(w, _)| w.size() >= self.s.pack_size);
+        if full {
+            self.rotate_pack().await?;
+        }
+        Ok(())
+    }
+
+    fn pack_number(&mut self, pack: &PackInfo) -> u32 {
+        if let Some(n) = self.pack_numbers.get(&pack.id) {
+            return *n;
+        }
+        let n = self.packs.len() as u32;
+        self.packs.push(pack.clone());
+        self.pack_numbers.insert(pack.id.clone(), n);
+        n
+    }
+
+    fn current_pack(&mut self) -> Result<(&mut PackWriter, u32), RepoError> {
+        if self.pack.is_none() {
+            let writer = PackWriter::create(&self.s.spool).map_err(|e| self.spool_err(e))?;
+            let n = self.packs.len() as u32;
+            // Size and checksum are filled in when the pack is finished.
+            self.packs.push(PackInfo { id: writer.id.clone(), size: 0, blake3: String::new() });
+            self.pack_numbers.insert(writer.id.clone(), n);
+            self.pack = Some((writer, n));
+        }
+        let (w, n) = self.pack.as_mut().expect("just set");
+        Ok((w, *n))
+    }
+
+    /// Finishes the current pack and starts its upload.
+    async fn rotate_pack(&mut self) -> Result<(), RepoError> {
+        let Some((writer, n)) = self.pack.take() else { return Ok(()) };
+        if writer.is_empty() {
+            return Ok(());
+        }
+        let (index, path) = writer.finish(&self.s.backup_id).map_err(|e| self.spool_err(e))?;
+        self.packs[n as usize] = index.pack.clone();
+        while self.uploads.len() >= UPLOADS {
+            self.next_upload().await?;
+        }
+        let (store, key, parallel) = (self.s.store.clone(), self.s.key.clone(), self.s.parallel);
+        self.uploads.push(tokio::spawn(async move { upload(store, key, index, path, parallel).await }));
+        Ok(())
+    }
+
+    async fn next_upload(&mut self) -> Result<(), RepoError> {
+        if let Some(done) = self.uploads.next().await {
+            done.map_err(|e| RepoError::Invalid(format!("pack upload task failed: {e}")))??;
+        }
+        Ok(())
+    }
+
+    /// Writes finished files, in order, to the file list.
+    fn drain_complete(&mut self) -> Result<(), RepoError> {
+        while let Some(front) = self.open.front() {
+            let done = front.chunks_expected.is_some_and(|n| n == front.chunks_done)
+                && self.current.as_ref().is_none_or(|c| c.0 != self.first_seq);
+            if !done {
+                break;
+            }
+            let mut file = self.open.pop_front().expect("front exists");
+            self.first_seq += 1;
+            if file.entry.kind == FileKind::File {
+                file.entry.blake3 = Some(file.hasher.finalize().to_hex().to_string());
+            }
+            self.files.write(&file.entry).map_err(|e| self.spool_err(e))?;
+        }
+        Ok(())
+    }
+
+    /// Flushes everything: the last batch and pack, all uploads. Returns the file
+    /// list's spool path and the manifest's pack list.
+    pub async fn finish(mut self) -> Result<(PathBuf, Vec<PackInfo>, BackupStats, u64), RepoError> {
+        self.end_entry().await?;
+        self.submit().await?;
+        while !self.in_flight.is_empty() {
+            self.complete_oldest().await?;
+        }
+        self.rotate_pack().await?;
+        while !self.uploads.is_empty() {
+            self.next_upload().await?;
+        }
+        if !self.open.is_empty() {
+            return Err(RepoError::Invalid(format!("{} files never completed (internal error)", self.open.len())));
+        }
+        let count = self.files.count;
+        let path = self.files.finish().map_err(|e| RepoError::Invalid(format!("spool: {e}")))?;
+        Ok((path, self.packs, self.stats, count))
+    }
+
+    /// Stops everything after a failure: in-flight work is dropped; packs already
+    /// uploaded stay for the next backup to re-use.
+    pub async fn abort(mut self) {
+        for job in self.in_flight.drain(..) {
+            job.task.abort();
+        }
+        while let Some(r) = self.uploads.next().await {
+            let _ = r;
+        }
+        if let Some((w, _)) = self.pack.take() {
+            if let Ok((_, path)) = w.finish(&self.s.backup_id) {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+    }
+}
+
+async fn upload(store: Store, key: Arc<SigningKey>, index: PackIndex, path: PathBuf, parallel: usize) -> Result<(), RepoError> {
+    upload_pack(store.as_ref(), &key, &index, &path, parallel).await
+}
