@@ -7,6 +7,8 @@ pub mod backup;
 pub mod info;
 pub mod init;
 pub mod keygen;
+pub mod materialize;
+pub mod restore;
 
 use std::sync::Arc;
 
@@ -164,6 +166,8 @@ pub async fn run(cli: Cli) -> Result<i32> {
         }
         Command::Init => init::run(ctx()).await,
         Command::Backup(args) => backup::run(ctx(), &args).await,
+        Command::Restore(args) => restore::run(ctx(), &args).await,
+        Command::Materialize(args) => materialize::run(ctx(), &args).await,
         Command::ArchivePush(args) => archive_push::run(ctx(), &args).await,
         Command::ArchiveGet(args) => archive_get::run(ctx(), &args).await,
         Command::ArchiveGetPrefetch(args) => archive_get::prefetch_worker(ctx(), &args).await,

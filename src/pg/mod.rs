@@ -6,6 +6,8 @@ pub mod basebackup;
 pub mod conn;
 pub mod conninfo;
 pub mod lsn;
+pub mod recovery;
+pub mod server;
 pub mod tar;
 pub mod walheader;
 

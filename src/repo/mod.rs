@@ -3,11 +3,13 @@
 //! locks. The exact format is written down in docs/REPOSITORY.md.
 
 pub mod backup_writer;
+pub mod catalog;
 pub mod chunk;
 pub mod descriptor;
 pub mod layout;
 pub mod lock;
 pub mod manifest;
+pub mod materialize;
 pub mod pack;
 pub mod record;
 pub mod signing;

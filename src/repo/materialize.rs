@@ -1,0 +1,405 @@
+//! Materialize: turn a backup into a data directory. The file list is fetched
+//! and verified first (its checksum is signed in the manifest), then files are
+//! written in parallel: blobs are read with ranged gets (adjacent blobs of a
+//! pack in one request), checked against their signed checksum, decrypted, and
+//! every chunk is checked against its keyed identifier before it is written.
+//! Each file's blake3 is recomputed and compared. `global/pg_control` is written
+//! last, so an interrupted restore never looks like a startable cluster.
+
+use std::collections::HashMap;
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use futures::StreamExt;
+use tokio::sync::Semaphore;
+
+use super::chunk::{CHUNK_SIZE, FileHasher, Frame, chunk_id, decompress_frame};
+use super::descriptor::LoadedDescriptor;
+use super::manifest::{BackupManifest, BlobRun, FileEntry, FileKind, FilesReader, open_files_list};
+use super::pack::decode_id;
+use super::{RepoError, layout};
+use crate::error::{Error, Result, ResultExt};
+use crate::pipeline::{Expected, Opener, cpu_pool};
+use crate::storage::{self, Store};
+
+/// Bytes fetched in one ranged get at most (adjacent blobs are coalesced).
+const FETCH_MAX: u64 = 4 << 20;
+/// Files smaller than this are written in bundles by one task.
+const SMALL_FILE: u64 = 1 << 20;
+const BUNDLE_BYTES: u64 = 8 << 20;
+/// Fetched ranges held in memory at once, across all tasks.
+const RANGES_IN_FLIGHT: usize = 8;
+
+pub struct MaterializeOptions {
+    pub dest: PathBuf,
+    /// Tablespace OID -> directory, overriding the original locations.
+    pub tablespace_map: HashMap<u32, PathBuf>,
+    pub parallel: usize,
+    pub spool: PathBuf,
+    /// Change ownership of what is written to this uid/gid (when running as root).
+    pub owner: Option<(u32, u32)>,
+    /// Called with bytes written so far, for progress display.
+    pub progress: Option<Arc<dyn Fn(u64) + Send + Sync>>,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct MaterializeStats {
+    pub files: u64,
+    pub bytes: u64,
+    /// Tablespaces written, with the directory used.
+    pub tablespaces: Vec<(u32, PathBuf)>,
+}
+
+struct Shared {
+    store: Store,
+    opener: Opener,
+    chunk_key: [u8; 32],
+    packs: Vec<String>,
+    ranges: Semaphore,
+    owner: Option<(u32, u32)>,
+    written: std::sync::atomic::AtomicU64,
+    progress: Option<Arc<dyn Fn(u64) + Send + Sync>>,
+}
+
+pub async fn materialize(
+    store: &Store,
+    desc: &LoadedDescriptor,
+    opener: &Opener,
+    manifest: &BackupManifest,
+    opts: &MaterializeOptions,
+) -> Result<MaterializeStats> {
+    let chunk_key = desc.descriptor.chunk_key(opener).context("cannot read the chunk key from the descriptor (wrong identity?)")?;
+    std::fs::create_dir_all(&opts.spool).with_context(|| format!("cannot create {}", opts.spool.display()))?;
+    let files_list = fetch_verified(store, &manifest.files, &opts.spool.join("files.sealed")).await?;
+    let expected = Expected {
+        stored_hash: Some(blake3::Hash::from_hex(&manifest.files.stored_blake3).map_err(|_| bad_manifest(manifest, "files checksum"))?),
+        plain_hash: Some(blake3::Hash::from_hex(&manifest.files.plain_blake3).map_err(|_| bad_manifest(manifest, "files checksum"))?),
+        plain_len: Some(manifest.files.plain_len),
+    };
+    let plain = {
+        let (files_list, opener, key) = (files_list.clone(), opener.clone(), manifest.files.key.clone());
+        cpu_pool().run(move || open_files_list(&files_list, &opener, &expected, &key)).await?
+    };
+    let reader = FilesReader::new(std::io::BufReader::new(std::fs::File::open(&plain)?), &manifest.files.key)?;
+
+    let mut stats = MaterializeStats::default();
+    let mut roots: HashMap<u32, PathBuf> = HashMap::new();
+    for ts in &reader.header.tablespaces {
+        let dir = opts.tablespace_map.get(&ts.oid).cloned().unwrap_or_else(|| PathBuf::from(&ts.location));
+        check_empty_dir(&dir).with_context(|| format!("tablespace {} directory", ts.oid))?;
+        roots.insert(ts.oid, dir.clone());
+        stats.tablespaces.push((ts.oid, dir));
+    }
+    for oid in opts.tablespace_map.keys() {
+        if !roots.contains_key(oid) {
+            return Err(Error::Usage(format!("--tablespace-map {oid}=...: the backup has no tablespace with OID {oid}")));
+        }
+    }
+    create_dir(&opts.dest, 0o700, opts.owner)?;
+
+    let shared = Arc::new(Shared {
+        store: store.clone(),
+        opener: opener.clone(),
+        chunk_key,
+        packs: manifest.packs.iter().map(|p| p.id.clone()).collect(),
+        ranges: Semaphore::new(RANGES_IN_FLIGHT),
+        owner: opts.owner,
+        written: Default::default(),
+        progress: opts.progress.clone(),
+    });
+
+    // Directories and links now; files as jobs; pg_control at the very end.
+    let mut jobs: Vec<Vec<(PathBuf, FileEntry)>> = Vec::new();
+    let mut bundle: Vec<(PathBuf, FileEntry)> = Vec::new();
+    let mut bundle_bytes = 0;
+    let mut pg_control = None;
+    for entry in reader {
+        let entry = entry?;
+        let path = target_path(&opts.dest, &roots, &entry.path)?;
+        match entry.kind {
+            FileKind::Dir => create_dir(&path, entry.mode, opts.owner)?,
+            FileKind::Symlink => {
+                let target = entry.target.clone().unwrap_or_default();
+                std::os::unix::fs::symlink(&target, &path).with_context(|| format!("cannot create link {}", path.display()))?;
+            }
+            FileKind::File => {
+                stats.files += 1;
+                stats.bytes += entry.size;
+                if entry.path == "global/pg_control" {
+                    pg_control = Some((path, entry));
+                } else if entry.size < SMALL_FILE {
+                    bundle_bytes += entry.size;
+                    bundle.push((path, entry));
+                    if bundle_bytes >= BUNDLE_BYTES || bundle.len() >= 512 {
+                        jobs.push(std::mem::take(&mut bundle));
+                        bundle_bytes = 0;
+                    }
+                } else {
+                    jobs.push(vec![(path, entry)]);
+                }
+            }
+        }
+    }
+    if !bundle.is_empty() {
+        jobs.push(bundle);
+    }
+    // Big files first, so the longest jobs start early.
+    jobs.sort_by_key(|j| std::cmp::Reverse(j.iter().map(|(_, e)| e.size).sum::<u64>()));
+    let results: Vec<Result<()>> = futures::stream::iter(jobs)
+        .map(|job| {
+            let shared = shared.clone();
+            async move {
+                for (path, entry) in job {
+                    write_file(&shared, &path, &entry).await?;
+                }
+                Ok(())
+            }
+        })
+        .buffer_unordered(opts.parallel.max(1))
+        .collect()
+        .await;
+    for r in results {
+        r?;
+    }
+    let (path, entry) = pg_control.ok_or_else(|| bad_manifest(manifest, "no global/pg_control in the backup"))?;
+    write_file(&shared, &path, &entry).await?;
+    let _ = std::fs::remove_file(&plain);
+    let _ = std::fs::remove_file(&files_list);
+    Ok(stats)
+}
+
+fn bad_manifest(m: &BackupManifest, what: &str) -> Error {
+    RepoError::Integrity { object: layout::backup_manifest_key(&m.backup_id), message: what.to_string() }.into()
+}
+
+/// Where a member goes: under the data directory, or in its tablespace's directory.
+fn target_path(dest: &Path, roots: &HashMap<u32, PathBuf>, rel: &str) -> Result<PathBuf> {
+    if rel.split('/').any(|p| p == ".." || p.is_empty()) || rel.starts_with('/') {
+        return Err(Error::failed(format!("unsafe path '{rel}' in the backup's file list")));
+    }
+    if let Some(rest) = rel.strip_prefix("pg_tblspc/") {
+        let (oid, sub) = rest.split_once('/').unwrap_or((rest, ""));
+        if let Some(root) = oid.parse::<u32>().ok().and_then(|o| roots.get(&o)) {
+            return Ok(if sub.is_empty() { root.clone() } else { root.join(sub) });
+        }
+    }
+    Ok(dest.join(rel))
+}
+
+fn check_empty_dir(dir: &Path) -> Result<()> {
+    match std::fs::read_dir(dir) {
+        Ok(mut it) => {
+            if it.next().is_some() {
+                return Err(Error::with_hint(
+                    format!("{} is not empty", dir.display()),
+                    "empty it, or map the tablespace elsewhere with --tablespace-map OID=DIR",
+                ));
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::failed(format!("cannot read {}: {e}", dir.display()))),
+    }
+}
+
+fn create_dir(path: &Path, mode: u32, owner: Option<(u32, u32)>) -> Result<()> {
+    std::fs::create_dir_all(path).with_context(|| format!("cannot create directory {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & 0o7777))?;
+    chown(path, owner)
+}
+
+fn chown(path: &Path, owner: Option<(u32, u32)>) -> Result<()> {
+    if let Some((uid, gid)) = owner {
+        std::os::unix::fs::lchown(path, Some(uid), Some(gid)).with_context(|| format!("cannot change the owner of {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Downloads a sealed object to a local file, checking its signed length and checksum.
+async fn fetch_verified(store: &Store, r: &super::manifest::SealedRef, dest: &Path) -> Result<PathBuf> {
+    use std::io::Write;
+    let mut stream = store.get(&r.key, None).await?;
+    let mut file = std::fs::File::create(dest).with_context(|| format!("cannot write {}", dest.display()))?;
+    let mut hasher = blake3::Hasher::new();
+    let mut len = 0u64;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk?;
+        hasher.update(&chunk);
+        len += chunk.len() as u64;
+        file.write_all(&chunk)?;
+    }
+    let actual = hasher.finalize().to_hex();
+    if len != r.stored_len || actual.as_str() != r.stored_blake3 {
+        return Err(RepoError::Integrity {
+            object: r.key.clone(),
+            message: format!(
+                "{len} bytes with blake3 {actual}; the signed manifest says {} bytes with blake3 {}",
+                r.stored_len, r.stored_blake3
+            ),
+        }
+        .into());
+    }
+    Ok(dest.to_path_buf())
+}
+
+/// Runs of blobs fetched with one ranged get.
+struct FetchGroup {
+    pack: u32,
+    start: u64,
+    end: u64,
+    runs: Vec<BlobRun>,
+}
+
+fn fetch_groups(runs: &[BlobRun]) -> Vec<FetchGroup> {
+    let mut out: Vec<FetchGroup> = Vec::new();
+    for run in runs {
+        let end = run.o + run.l as u64;
+        match out.last_mut() {
+            Some(g)
+                if g.pack == run.p && (run.o == g.end || (run.o >= g.start && end <= g.end)) && end.max(g.end) - g.start <= FETCH_MAX =>
+            {
+                g.end = g.end.max(end);
+                g.runs.push(run.clone());
+            }
+            _ => out.push(FetchGroup { pack: run.p, start: run.o, end, runs: vec![run.clone()] }),
+        }
+    }
+    out
+}
+
+/// The decoded chunks of one fetch group, with their chaining values.
+struct Decoded {
+    chunks: Vec<Vec<u8>>,
+}
+
+async fn write_file(shared: &Arc<Shared>, path: &Path, entry: &FileEntry) -> Result<()> {
+    let file = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(entry.mode & 0o777)
+            .open(path)
+            .with_context(|| format!("cannot create {}", path.display()))?
+    };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(entry.mode & 0o7777))?;
+    chown(path, shared.owner)?;
+    let file = Arc::new(file);
+    let whole = entry.size <= CHUNK_SIZE as u64;
+    let mut hasher = FileHasher::new();
+    let mut offset = 0u64;
+    let groups = fetch_groups(&entry.blobs);
+    let mut decoded = futures::stream::iter(groups)
+        .map(|g| {
+            let shared = shared.clone();
+            async move { decode_group(&shared, g).await }
+        })
+        .buffered(2);
+    // Chaining values depend on the file offset, so they are computed here in order.
+    while let Some(group) = decoded.next().await {
+        let group = group.with_context(|| format!("restoring {}", entry.path))?;
+        let file = file.clone();
+        let start = offset;
+        let (next, cvs) = cpu_pool()
+            .run(move || -> std::io::Result<(u64, Vec<[u8; 32]>)> {
+                let mut off = start;
+                let mut cvs = Vec::with_capacity(group.chunks.len());
+                for data in &group.chunks {
+                    file.write_all_at(data, off)?;
+                    cvs.push(if whole {
+                        *blake3::hash(data).as_bytes()
+                    } else {
+                        use blake3::hazmat::HasherExt;
+                        blake3::Hasher::new().set_input_offset(off).update(data).finalize_non_root()
+                    });
+                    off += data.len() as u64;
+                }
+                Ok((off, cvs))
+            })
+            .await
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        for cv in cvs {
+            hasher.push(cv, whole);
+        }
+        let done = shared.written.fetch_add(next - offset, std::sync::atomic::Ordering::Relaxed) + (next - offset);
+        if let Some(p) = &shared.progress {
+            p(done);
+        }
+        offset = next;
+    }
+    if offset != entry.size {
+        return Err(RepoError::Integrity {
+            object: entry.path.clone(),
+            message: format!("the backup holds {offset} bytes of a {} byte file", entry.size),
+        }
+        .into());
+    }
+    let actual = hasher.finalize();
+    if let Some(expected) = &entry.blake3 {
+        if actual.to_hex().as_str() != expected {
+            return Err(RepoError::Integrity {
+                object: entry.path.clone(),
+                message: format!("restored content has blake3 {}, the backup recorded {expected}", actual.to_hex()),
+            }
+            .into());
+        }
+    }
+    Ok(())
+}
+
+/// Fetches a group's byte range, then checks, decrypts and decompresses each
+/// blob and checks every chunk against its identifier.
+async fn decode_group(shared: &Arc<Shared>, g: FetchGroup) -> Result<Decoded> {
+    let pack_id = shared
+        .packs
+        .get(g.pack as usize)
+        .ok_or_else(|| Error::failed(format!("file list names pack #{} that the manifest lacks", g.pack)))?;
+    let key = layout::pack_key(pack_id);
+    let _permit = shared.ranges.acquire().await.expect("semaphore open");
+    let bytes = storage::get_bytes(shared.store.as_ref(), &key, Some(g.start..g.end)).await?;
+    if bytes.len() as u64 != g.end - g.start {
+        return Err(RepoError::Integrity { object: key, message: "pack is shorter than the manifest says".into() }.into());
+    }
+    let (opener, chunk_key) = (shared.opener.clone(), shared.chunk_key);
+    cpu_pool()
+        .run(move || {
+            let mut chunks = Vec::new();
+            let mut cache: Option<(u64, Vec<u8>)> = None;
+            for run in &g.runs {
+                let blob = &bytes[(run.o - g.start) as usize..(run.o - g.start + run.l as u64) as usize];
+                if cache.as_ref().is_none_or(|(o, _)| *o != run.o) {
+                    let actual = blake3::hash(blob);
+                    if actual.to_hex().as_str() != run.h {
+                        return Err(Error::from(RepoError::Integrity {
+                            object: key.clone(),
+                            message: format!("blob at offset {} has blake3 {}, the backup recorded {}", run.o, actual.to_hex(), run.h),
+                        }));
+                    }
+                    let plain = opener
+                        .decrypt(blob)
+                        .map_err(|e| Error::from(RepoError::Integrity { object: key.clone(), message: e.to_string() }))?;
+                    cache = Some((run.o, plain));
+                }
+                let plain = &cache.as_ref().expect("cached").1;
+                for (frame_offset, frame_len, raw_len, id) in &run.c {
+                    let data =
+                        decompress_frame(plain, Frame { offset: *frame_offset, len: *frame_len }, *raw_len as usize).map_err(|e| {
+                            Error::from(RepoError::Integrity { object: key.clone(), message: format!("chunk at offset {}: {e}", run.o) })
+                        })?;
+                    let want = decode_id(id).ok_or_else(|| Error::failed(format!("bad chunk id '{id}' in the file list")))?;
+                    if chunk_id(&chunk_key, &data) != want {
+                        return Err(RepoError::Integrity {
+                            object: key.clone(),
+                            message: format!("a chunk in the blob at offset {} does not match its identifier {id}", run.o),
+                        }
+                        .into());
+                    }
+                    chunks.push(data);
+                }
+            }
+            Ok(Decoded { chunks })
+        })
+        .await
+}
