@@ -17,7 +17,6 @@ use crate::cli::ArchivePushArgs;
 use crate::error::{Error, Result, ResultExt};
 use crate::pg::lsn::{WalFileKind, WalSegmentName, classify_wal_file, parse_history};
 use crate::pg::walheader::{self, ExpectedWal};
-use crate::repo::descriptor::LoadedDescriptor;
 use crate::repo::wal::{PushOutcome, SealedWal, WalArchive};
 
 pub async fn run(ctx: &Ctx, args: &ArchivePushArgs) -> Result<i32> {
@@ -37,7 +36,7 @@ pub async fn run(ctx: &Ctx, args: &ArchivePushArgs) -> Result<i32> {
     }
 
     let archive = ctx.wal_writer(store).await?;
-    let expected = expected_wal(archive.descriptor());
+    let expected = archive.expected_wal();
     check_file(&name, kind, &data, &expected)?;
 
     let mut batch = vec![(name.clone(), data)];
@@ -77,16 +76,6 @@ fn file_name(path: &Path) -> Result<String> {
         .and_then(|n| n.to_str())
         .map(str::to_string)
         .ok_or_else(|| Error::Usage(format!("'{}' has no file name", path.display())))
-}
-
-pub fn expected_wal(desc: &LoadedDescriptor) -> ExpectedWal {
-    let c = &desc.descriptor.cluster;
-    ExpectedWal {
-        pg_major: c.major(),
-        system_identifier: c.system_identifier.parse().unwrap_or(0),
-        seg_size: c.wal_segment_size,
-        block_size: c.wal_block_size,
-    }
 }
 
 /// Refuses a file that is not this cluster's WAL, or is damaged.

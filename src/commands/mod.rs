@@ -9,6 +9,7 @@ pub mod init;
 pub mod keygen;
 pub mod materialize;
 pub mod restore;
+pub mod stream;
 
 use std::sync::Arc;
 
@@ -168,6 +169,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
         Command::Backup(args) => backup::run(ctx(), &args).await,
         Command::Restore(args) => restore::run(ctx(), &args).await,
         Command::Materialize(args) => materialize::run(ctx(), &args).await,
+        Command::Stream(args) => stream::run(ctx(), &args).await,
         Command::ArchivePush(args) => archive_push::run(ctx(), &args).await,
         Command::ArchiveGet(args) => archive_get::run(ctx(), &args).await,
         Command::ArchiveGetPrefetch(args) => archive_get::prefetch_worker(ctx(), &args).await,

@@ -8,6 +8,7 @@ pub mod conninfo;
 pub mod lsn;
 pub mod recovery;
 pub mod server;
+pub mod streamer;
 pub mod tar;
 pub mod walheader;
 

@@ -83,6 +83,17 @@ impl WalArchive {
         }
     }
 
+    /// What this repository's WAL must look like (for page-header checks).
+    pub fn expected_wal(&self) -> crate::pg::walheader::ExpectedWal {
+        let c = &self.desc.descriptor.cluster;
+        crate::pg::walheader::ExpectedWal {
+            pg_major: c.major(),
+            system_identifier: c.system_identifier.parse().unwrap_or(0),
+            seg_size: c.wal_segment_size,
+            block_size: c.wal_block_size,
+        }
+    }
+
     fn writer(&self) -> &WalWriter {
         self.writer.as_ref().expect("WalArchive opened without a writer")
     }
