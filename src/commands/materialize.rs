@@ -23,6 +23,7 @@ pub async fn run(ctx: &Ctx, args: &MaterializeArgs) -> Result<i32> {
         spool: spool.clone(),
         owner: None,
         progress: None,
+        verify_only: false,
     };
     let stats = materialize(&store, &desc, &opener, backup, &opts).await;
     let _ = std::fs::remove_dir_all(&spool);

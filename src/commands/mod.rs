@@ -11,6 +11,7 @@ pub mod keygen;
 pub mod materialize;
 pub mod restore;
 pub mod stream;
+pub mod verify;
 
 use std::sync::Arc;
 
@@ -171,6 +172,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
         Command::Restore(args) => restore::run(ctx(), &args).await,
         Command::Materialize(args) => materialize::run(ctx(), &args).await,
         Command::Expire(args) => expire::run(ctx(), &args).await,
+        Command::Verify(args) => verify::run(ctx(), &args).await,
         Command::Info(args) => info::run(ctx(), &args).await,
         Command::Stream(args) => stream::run(ctx(), &args).await,
         Command::ArchivePush(args) => archive_push::run(ctx(), &args).await,

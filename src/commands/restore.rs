@@ -78,6 +78,7 @@ pub async fn run(ctx: &Ctx, args: &RestoreArgs) -> Result<i32> {
         spool: spool.clone(),
         owner,
         progress: None,
+        verify_only: false,
     };
     let stats = materialize(&store, &desc, &opener, &backup, &opts).await;
     let _ = std::fs::remove_dir_all(&spool);

@@ -41,6 +41,9 @@ pub struct MaterializeOptions {
     pub owner: Option<(u32, u32)>,
     /// Called with bytes written so far, for progress display.
     pub progress: Option<Arc<dyn Fn(u64) + Send + Sync>>,
+    /// Check everything (blobs, chunk ids, file checksums) but write nothing
+    /// (`verify --deep`).
+    pub verify_only: bool,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -60,6 +63,7 @@ struct Shared {
     owner: Option<(u32, u32)>,
     written: std::sync::atomic::AtomicU64,
     progress: Option<Arc<dyn Fn(u64) + Send + Sync>>,
+    verify_only: bool,
 }
 
 pub async fn materialize(
@@ -87,7 +91,9 @@ pub async fn materialize(
     let mut roots: HashMap<u32, PathBuf> = HashMap::new();
     for ts in &reader.header.tablespaces {
         let dir = opts.tablespace_map.get(&ts.oid).cloned().unwrap_or_else(|| PathBuf::from(&ts.location));
-        check_empty_dir(&dir).with_context(|| format!("tablespace {} directory", ts.oid))?;
+        if !opts.verify_only {
+            check_empty_dir(&dir).with_context(|| format!("tablespace {} directory", ts.oid))?;
+        }
         roots.insert(ts.oid, dir.clone());
         stats.tablespaces.push((ts.oid, dir));
     }
@@ -96,7 +102,9 @@ pub async fn materialize(
             return Err(Error::Usage(format!("--tablespace-map {oid}=...: the backup has no tablespace with OID {oid}")));
         }
     }
-    create_dir(&opts.dest, 0o700, opts.owner)?;
+    if !opts.verify_only {
+        create_dir(&opts.dest, 0o700, opts.owner)?;
+    }
 
     let shared = Arc::new(Shared {
         store: store.clone(),
@@ -107,6 +115,7 @@ pub async fn materialize(
         owner: opts.owner,
         written: Default::default(),
         progress: opts.progress.clone(),
+        verify_only: opts.verify_only,
     });
 
     // Directories and links now; files as jobs; pg_control at the very end.
@@ -118,6 +127,7 @@ pub async fn materialize(
         let entry = entry?;
         let path = target_path(&opts.dest, &roots, &entry.path)?;
         match entry.kind {
+            FileKind::Dir | FileKind::Symlink if opts.verify_only => {}
             FileKind::Dir => create_dir(&path, entry.mode, opts.owner)?,
             FileKind::Symlink => {
                 let target = entry.target.clone().unwrap_or_default();
@@ -274,18 +284,21 @@ struct Decoded {
 }
 
 async fn write_file(shared: &Arc<Shared>, path: &Path, entry: &FileEntry) -> Result<()> {
-    let file = {
+    let file = if shared.verify_only {
+        None
+    } else {
         use std::os::unix::fs::OpenOptionsExt;
-        std::fs::OpenOptions::new()
+        let f = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
             .mode(entry.mode & 0o777)
             .open(path)
-            .with_context(|| format!("cannot create {}", path.display()))?
+            .with_context(|| format!("cannot create {}", path.display()))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(entry.mode & 0o7777))?;
+        chown(path, shared.owner)?;
+        Some(f)
     };
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(entry.mode & 0o7777))?;
-    chown(path, shared.owner)?;
     let file = Arc::new(file);
     let whole = entry.size <= CHUNK_SIZE as u64;
     let mut hasher = FileHasher::new();
@@ -307,7 +320,9 @@ async fn write_file(shared: &Arc<Shared>, path: &Path, entry: &FileEntry) -> Res
                 let mut off = start;
                 let mut cvs = Vec::with_capacity(group.chunks.len());
                 for data in &group.chunks {
-                    file.write_all_at(data, off)?;
+                    if let Some(f) = file.as_ref() {
+                        f.write_all_at(data, off)?;
+                    }
                     cvs.push(if whole {
                         *blake3::hash(data).as_bytes()
                     } else {

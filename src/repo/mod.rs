@@ -14,6 +14,7 @@ pub mod pack;
 pub mod record;
 pub mod retention;
 pub mod signing;
+pub mod verify;
 pub mod wal;
 
 pub use descriptor::{ClusterInfo, Descriptor};
