@@ -39,6 +39,11 @@ pub fn human_duration(d: Duration) -> String {
     }
 }
 
+/// Resolves once the watched flag is true (without holding the channel's lock).
+pub async fn until_true(rx: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = rx.wait_for(|v| *v).await.map(|_| ());
+}
+
 /// Writes a local file atomically: temporary file in the same directory, fsync,
 /// rename, fsync of the directory. `mode` applies from creation (no window in
 /// which a secret is readable by others).

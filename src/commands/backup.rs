@@ -113,7 +113,7 @@ async fn backup_locked(
         };
         let streamed = tokio::select! {
             r = stream_backup(&mut conn, &bb, settings, &spool, lock) => r?,
-            _ = cancel.wait_for(|c| *c) => return Err(Error::failed("backup cancelled (shutting down); no backup was recorded")),
+            _ = crate::util::until_true(&mut cancel) => return Err(Error::failed("backup cancelled (shutting down); no backup was recorded")),
         };
         let (start_lsn, start_tli, end_lsn, end_tli) = (streamed.start_lsn, streamed.start_tli, streamed.end_lsn, streamed.end_tli);
         if start_tli != end_tli {
@@ -134,7 +134,7 @@ async fn backup_locked(
         let archive = WalArchive::new(store.clone(), desc.clone(), None);
         tokio::select! {
             r = wait_for_wal(&archive, wal_first, wal_last, end_lsn, ctx.config.backup.wal_timeout) => r?,
-            _ = cancel.wait_for(|c| *c) => return Err(Error::failed("backup cancelled while waiting for WAL; no backup was recorded")),
+            _ = crate::util::until_true(&mut cancel) => return Err(Error::failed("backup cancelled while waiting for WAL; no backup was recorded")),
         }
         if lock.is_lost() {
             return Err(Error::failed("the backup lock was taken by another process; this backup is abandoned"));

@@ -4,6 +4,8 @@
 pub mod archive_get;
 pub mod archive_push;
 pub mod backup;
+pub mod check;
+pub mod daemon;
 pub mod expire;
 pub mod info;
 pub mod init;
@@ -154,6 +156,9 @@ pub async fn run(cli: Cli) -> Result<i32> {
     } else {
         None
     };
+    if let Command::Daemon = cli.command {
+        return daemon::run(ctx.expect("config loaded for the daemon")).await;
+    }
     let ctx = || ctx.as_ref().expect("config loaded for this command");
     match cli.command {
         Command::Keygen(args) => keygen::run(&args),
@@ -173,14 +178,12 @@ pub async fn run(cli: Cli) -> Result<i32> {
         Command::Materialize(args) => materialize::run(ctx(), &args).await,
         Command::Expire(args) => expire::run(ctx(), &args).await,
         Command::Verify(args) => verify::run(ctx(), &args).await,
+        Command::Check(args) => check::run(ctx(), &args).await,
         Command::Info(args) => info::run(ctx(), &args).await,
         Command::Stream(args) => stream::run(ctx(), &args).await,
         Command::ArchivePush(args) => archive_push::run(ctx(), &args).await,
         Command::ArchiveGet(args) => archive_get::run(ctx(), &args).await,
         Command::ArchiveGetPrefetch(args) => archive_get::prefetch_worker(ctx(), &args).await,
-        other => {
-            let _ = ctx;
-            Err(Error::failed(format!("{other:?}: not implemented yet")))
-        }
+        Command::Daemon => unreachable!("handled above"),
     }
 }

@@ -94,7 +94,7 @@ pub async fn run(
         let mut session = Session::new(&archive, &settings, &state);
         let result = tokio::select! {
             r = session.stream(&params) => r,
-            _ = shutdown.wait_for(|s| *s) => {
+            _ = crate::util::until_true(&mut shutdown) => {
                 session.drain().await;
                 return Ok(());
             }
@@ -115,7 +115,7 @@ pub async fn run(
         }
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
-            _ = shutdown.wait_for(|s| *s) => return Ok(()),
+            _ = crate::util::until_true(&mut shutdown) => return Ok(()),
         }
         backoff = (backoff * 2).min(Duration::from_secs(30));
     }

@@ -1,0 +1,264 @@
+//! `walvault check`: is everything in place for backups to work? PostgreSQL
+//! reachable with a replication role and the right settings, the slot, WAL
+//! actually reaching the repository (forced switch, then wait), the store
+//! writable, the keys readable and consistent. Each failure says what to change.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use super::Ctx;
+use crate::cli::CheckArgs;
+use crate::config::parse_duration;
+use crate::error::{Error, Result, exit};
+use crate::pg::conn::{Connection, Mode};
+use crate::pg::conninfo::ConnParams;
+use crate::pg::{Lsn, WalSegmentName};
+use crate::repo::wal::WalArchive;
+use crate::repo::{Descriptor, layout};
+use crate::storage;
+
+struct Report {
+    failed: usize,
+    json: Vec<serde_json::Value>,
+}
+
+impl Report {
+    fn ok(&mut self, what: &str, detail: impl Into<String>) {
+        let detail = detail.into();
+        println!("ok    {what}{}", if detail.is_empty() { String::new() } else { format!(": {detail}") });
+        self.json.push(serde_json::json!({"check": what, "ok": true, "detail": detail}));
+    }
+    fn warn(&mut self, what: &str, detail: impl Into<String>) {
+        let detail = detail.into();
+        println!("warn  {what}: {detail}");
+        self.json.push(serde_json::json!({"check": what, "ok": true, "warning": detail}));
+    }
+    fn fail(&mut self, what: &str, problem: impl Into<String>, fix: impl Into<String>) {
+        let (problem, fix) = (problem.into(), fix.into());
+        println!("FAIL  {what}: {problem}");
+        println!("      fix: {fix}");
+        self.failed += 1;
+        self.json.push(serde_json::json!({"check": what, "ok": false, "problem": problem, "fix": fix}));
+    }
+}
+
+pub async fn run(ctx: &Ctx, args: &CheckArgs) -> Result<i32> {
+    let wait = parse_duration(&args.wait).map_err(Error::Usage)?;
+    let mut r = Report { failed: 0, json: Vec::new() };
+
+    // Keys.
+    let key = match ctx.signing_key() {
+        Ok(k) => {
+            r.ok("signing key", format!("{} ({})", ctx.config.signing.key_file, k.public()));
+            Some(k)
+        }
+        Err(e) => {
+            r.fail("signing key", e.to_string(), e.hint().unwrap_or_default());
+            None
+        }
+    };
+    match ctx.recipients() {
+        Ok(rs) => r.ok("encryption recipients", format!("{} valid", rs.len())),
+        Err(e) => r.fail("encryption recipients", e.to_string(), e.hint().unwrap_or_default()),
+    }
+    if !ctx.config.encryption.identity_file.is_empty() {
+        r.warn("identity file", "encryption.identity_file is set on this host; keep the restore identity off the agent host if you can");
+    }
+
+    // The repository.
+    let store = match ctx.store().await {
+        Ok(s) => Some(s),
+        Err(e) => {
+            r.fail("repository", e.to_string(), e.hint().unwrap_or_default());
+            None
+        }
+    };
+    let mut desc = None;
+    if let (Some(store), Some(key)) = (&store, &key) {
+        match Descriptor::load(store.as_ref(), Some(key.public())).await {
+            Ok(d) => {
+                r.ok("repository descriptor", format!("{} (cluster {})", store.location(), d.descriptor.cluster.system_identifier));
+                desc = Some(d);
+            }
+            Err(e) => r.fail("repository descriptor", e.to_string(), e.hint().unwrap_or_else(|| "run `walvault init`".into())),
+        }
+        let probe = format!("{}check-{:016x}", layout::PROBE_PREFIX, rand::random::<u64>());
+        let data = Bytes::from(format!("walvault check {}", chrono::Utc::now()));
+        let round_trip = async {
+            store.put(&probe, data.clone()).await?;
+            let back = storage::get_bytes(store.as_ref(), &probe, None).await?;
+            store.delete_many(std::slice::from_ref(&probe)).await?;
+            Ok::<_, storage::StorageError>(back == data)
+        }
+        .await;
+        match round_trip {
+            Ok(true) => r.ok("repository writable", "an object was written, read back and deleted"),
+            Ok(false) => {
+                r.fail("repository writable", "an object read back differs from what was written", "check the store's consistency settings")
+            }
+            Err(e) => r.fail(
+                "repository writable",
+                e.to_string(),
+                e.hint().unwrap_or("check the store's credentials: walvault needs put, get, list and delete"),
+            ),
+        }
+    }
+
+    // PostgreSQL.
+    let params = match ConnParams::parse(&ctx.config.postgres.conninfo) {
+        Ok(p) => p,
+        Err(e) => {
+            r.fail("postgres.conninfo", e.to_string(), "fix the connection string");
+            return finish(r);
+        }
+    };
+    let mut conn = match Connection::connect(&params, Mode::Replication).await {
+        Ok(c) => c,
+        Err(e) => {
+            let fix = match e.code() {
+                Some("42501") | Some("28000") => {
+                    "give the role replication rights and allow it in pg_hba.conf: ALTER ROLE walvault REPLICATION; `host replication walvault <address> scram-sha-256`".to_string()
+                }
+                _ => e.hint().unwrap_or_else(|| "check postgres.conninfo".into()),
+            };
+            r.fail("replication connection", e.to_string(), fix);
+            return finish(r);
+        }
+    };
+    let sys = conn.identify_system().await?;
+    r.ok(
+        "replication connection",
+        format!("PostgreSQL {}, system identifier {}", conn.parameter("server_version").unwrap_or("?"), sys.system_identifier),
+    );
+    if let Some(d) = &desc {
+        if d.descriptor.cluster.system_identifier != sys.system_identifier.to_string() {
+            r.fail(
+                "cluster",
+                format!(
+                    "the repository belongs to cluster {}, the server is {}",
+                    d.descriptor.cluster.system_identifier, sys.system_identifier
+                ),
+                "point repository.url at this cluster's repository",
+            );
+        }
+    }
+    let wal_level = conn.show("wal_level").await?;
+    if wal_level == "minimal" {
+        r.fail(
+            "wal_level",
+            "wal_level is minimal: WAL cannot be archived or streamed",
+            "set wal_level = replica in postgresql.conf and restart PostgreSQL",
+        );
+    } else {
+        r.ok("wal_level", wal_level);
+    }
+    let senders: u32 = conn.show("max_wal_senders").await?.parse().unwrap_or(0);
+    if senders < 2 {
+        r.fail(
+            "max_wal_senders",
+            format!("max_wal_senders is {senders}; walvault needs 2 (streaming and a backup)"),
+            "set max_wal_senders = 10 and restart PostgreSQL",
+        );
+    } else {
+        r.ok("max_wal_senders", senders.to_string());
+    }
+    let slots: u32 = conn.show("max_replication_slots").await?.parse().unwrap_or(0);
+    if slots < 1 {
+        r.fail("max_replication_slots", "no replication slots are allowed", "set max_replication_slots = 10 and restart PostgreSQL");
+    }
+    if conn.server_version_num() >= 150000 {
+        let slot = &ctx.config.postgres.slot;
+        let sets = conn.simple_query(&format!("READ_REPLICATION_SLOT \"{slot}\"")).await?;
+        let restart = sets.first().and_then(|s| s.rows.first()).and_then(|row| row.get(1).cloned().flatten());
+        match restart {
+            Some(lsn) => r.ok("replication slot", format!("{slot} holds WAL from {lsn}")),
+            None => r.warn("replication slot", format!("{slot} does not exist yet; `walvault stream` or the daemon creates it")),
+        }
+    }
+    let archive_mode = conn.show("archive_mode").await?;
+    let archive_command = conn.show("archive_command").await.unwrap_or_default();
+    let archiving = archive_mode != "off";
+    if archiving {
+        if archive_command.contains("walvault") && archive_command.contains("archive-push") {
+            r.ok("archive_command", archive_command.clone());
+        } else if archive_command.is_empty() || archive_command == "(disabled)" {
+            r.fail(
+                "archive_command",
+                "archive_mode is on but archive_command is empty: WAL piles up in pg_wal",
+                "set archive_command = 'walvault archive-push %p', or archive_mode = off if the walvault daemon streams WAL",
+            );
+        } else {
+            r.fail(
+                "archive_command",
+                format!("archive_command is '{archive_command}': it does not call walvault archive-push, so archived WAL does not reach this repository"),
+                "set archive_command = 'walvault archive-push %p' (with --config if needed) and reload PostgreSQL",
+            );
+        }
+    } else {
+        r.ok("archive_mode", "off (WAL reaches the repository by streaming: run the daemon or `walvault stream`)");
+    }
+    conn.close().await;
+
+    // Does WAL actually arrive? Switch segments and wait for the one just closed.
+    if !args.no_switch {
+        if let (Some(store), Some(d)) = (&store, &desc) {
+            match switch_wal(&params).await {
+                Ok(lsn) => {
+                    let seg = WalSegmentName::of_lsn(sys.timeline, Lsn(lsn.0.saturating_sub(1)), d.descriptor.cluster.wal_segment_size);
+                    let archive = WalArchive::new(store.clone(), std::sync::Arc::new(d.clone()), None);
+                    let started = Instant::now();
+                    let mut arrived = false;
+                    while started.elapsed() < wait {
+                        if archive.read_header(&seg.to_string()).await?.is_some() {
+                            arrived = true;
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                    if arrived {
+                        r.ok("WAL delivery", format!("switched WAL; {seg} reached the repository in {}", crate::util::human_duration(started.elapsed())));
+                    } else {
+                        r.fail(
+                            "WAL delivery",
+                            format!("switched WAL, but {seg} did not reach the repository within {}", crate::util::human_duration(wait)),
+                            if archiving {
+                                "check the server log for archive_command failures (pg_stat_archiver)"
+                            } else {
+                                "start the walvault daemon (or `walvault stream`), or set archive_command = 'walvault archive-push %p'"
+                            },
+                        );
+                    }
+                }
+                Err(e) => r.warn(
+                    "WAL delivery",
+                    format!("cannot force a WAL switch ({e}); grant it with GRANT EXECUTE ON FUNCTION pg_switch_wal() TO <role>, or pass --no-switch"),
+                ),
+            }
+        }
+    }
+    finish(r)
+}
+
+fn finish(r: Report) -> Result<i32> {
+    if r.failed > 0 {
+        println!("{} check(s) failed", r.failed);
+        Ok(exit::FAILURE)
+    } else {
+        println!("all checks passed");
+        Ok(0)
+    }
+}
+
+/// Forces a WAL segment switch over a normal SQL connection; returns the switch LSN.
+async fn switch_wal(params: &ConnParams) -> Result<Lsn> {
+    let mut params = params.clone();
+    if params.dbname.as_deref().is_none_or(|d| d == "replication") {
+        params.dbname = Some("postgres".into());
+    }
+    let mut conn = Connection::connect(&params, Mode::Database).await?;
+    let sets = conn.simple_query("SELECT pg_switch_wal()::text").await?;
+    conn.close().await;
+    let text = sets.first().and_then(|s| s.rows.first()).and_then(|r| r.first().cloned().flatten()).unwrap_or_default();
+    text.parse().map_err(|_| Error::failed(format!("pg_switch_wal returned '{text}'")))
+}
