@@ -323,7 +323,13 @@ impl ObjectStore for FileStore {
     }
 
     async fn abort_multipart(&self, upload: &MultipartUpload) -> Result<(), StorageError> {
-        let dir = self.multipart_dir(upload)?;
+        // An upload that is gone (completed, or aborted by an attempt whose answer
+        // was lost) leaves nothing to remove: not an error, as on S3.
+        let dir = match self.multipart_dir(upload) {
+            Ok(dir) => dir,
+            Err(e) if e.kind() == StorageErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
         let key = upload.key.clone();
         blocking(move || match std::fs::remove_dir_all(&dir) {
             Ok(()) => Ok(()),
