@@ -7,6 +7,7 @@
 
 mod weed;
 
+use std::path::Path;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -30,7 +31,9 @@ pub struct S3Server {
 impl S3Server {
     /// A private server with its own data directory and ports.
     pub fn start() -> S3Server {
-        let dir = tempfile::Builder::new().prefix("walvault-s3-").tempdir().expect("create a temp dir for the S3 server");
+        remove_abandoned_dirs();
+        let dir = tempfile::Builder::new().prefix(DIR_PREFIX).tempdir().expect("create a temp dir for the S3 server");
+        std::fs::write(dir.path().join("owner.pid"), std::process::id().to_string()).expect("write owner.pid");
         let weed = weed::Weed::start(dir.path());
         S3Server {
             endpoint: weed.endpoint(),
@@ -65,9 +68,8 @@ impl S3Server {
                 let server = S3Server::start();
                 // Statics are never dropped: clean up at exit. (The process itself
                 // dies with us anyway, see weed::spawn_dying_with_us.)
-                let dir = server.weed.as_ref().unwrap().dir().to_path_buf();
-                let pid = server.weed.as_ref().unwrap().pid().unwrap();
-                CLEANUP.set((pid, dir)).ok();
+                let weed = server.weed.as_ref().unwrap();
+                CLEANUP.set((weed.pid().unwrap(), weed.dir().to_path_buf(), weed.ports)).ok();
                 // SAFETY: registers a plain function, run once at process exit.
                 unsafe { libc::atexit(cleanup_shared) };
                 server
@@ -156,15 +158,35 @@ impl S3Server {
     }
 }
 
-static CLEANUP: OnceLock<(u32, std::path::PathBuf)> = OnceLock::new();
+const DIR_PREFIX: &str = "walvault-s3-";
+
+/// Removes the data directories of servers whose test process was killed before
+/// it could clean up (they can hold hundreds of MiB).
+fn remove_abandoned_dirs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else { return };
+    for entry in entries.flatten() {
+        if !entry.file_name().to_string_lossy().starts_with(DIR_PREFIX) {
+            continue;
+        }
+        let Ok(owner) = std::fs::read_to_string(entry.path().join("owner.pid")) else { continue };
+        if !Path::new("/proc").join(owner.trim()).exists() {
+            let ports = std::fs::read_to_string(entry.path().join("ports")).unwrap_or_default();
+            weed::remove_port_sockets(&ports.split_whitespace().filter_map(|p| p.parse().ok()).collect::<Vec<u16>>());
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+static CLEANUP: OnceLock<(u32, std::path::PathBuf, weed::Ports)> = OnceLock::new();
 
 extern "C" fn cleanup_shared() {
-    if let Some((pid, dir)) = CLEANUP.get() {
+    if let Some((pid, dir, ports)) = CLEANUP.get() {
         // SAFETY: signals and reaps our own child.
         unsafe {
             libc::kill(*pid as libc::pid_t, libc::SIGKILL);
             libc::waitpid(*pid as libc::pid_t, std::ptr::null_mut(), 0);
         }
         let _ = std::fs::remove_dir_all(dir);
+        weed::remove_port_sockets(&ports.all());
     }
 }

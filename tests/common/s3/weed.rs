@@ -67,7 +67,7 @@ pub struct Ports {
 }
 
 impl Ports {
-    fn all(&self) -> [u16; 10] {
+    pub fn all(&self) -> [u16; 10] {
         [
             self.master,
             self.master_grpc,
@@ -131,6 +131,9 @@ impl Weed {
             std::fs::create_dir_all(dir.join("data")).expect("create the S3 server's data directory");
             std::fs::write(dir.join("s3.json"), identities_json()).expect("write the S3 identities file");
             let mut weed = Weed { binary: binary.clone(), dir: dir.to_path_buf(), ports: Ports::pick(), child: None };
+            // For whoever cleans up after a test process that was killed.
+            let ports: Vec<String> = weed.ports.all().iter().map(u16::to_string).collect();
+            std::fs::write(dir.join("ports"), ports.join(" ")).expect("write the ports file");
             match weed.launch() {
                 Ok(()) => return weed,
                 Err(e) => {
@@ -261,7 +264,7 @@ impl Weed {
             let _ = child.kill();
             let _ = child.wait();
         }
-        remove_port_sockets(&self.ports);
+        remove_port_sockets(&self.ports.all());
     }
 }
 
@@ -297,9 +300,9 @@ fn http_get(port: u16, path: &str) -> Option<String> {
 }
 
 /// weed leaves unix sockets named after some of its ports in /tmp; remove ours.
-fn remove_port_sockets(ports: &Ports) {
+pub fn remove_port_sockets(ports: &[u16]) {
     let Ok(entries) = std::fs::read_dir("/tmp") else { return };
-    let suffixes: Vec<String> = ports.all().iter().map(|p| format!("-{p}.sock")).collect();
+    let suffixes: Vec<String> = ports.iter().map(|p| format!("-{p}.sock")).collect();
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         if name.starts_with("seaweedfs-") && suffixes.iter().any(|s| name.ends_with(s)) {
