@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::StreamExt;
-use walvault::storage::{self, CreateOutcome, ObjectStore, PartSizer, StorageErrorKind, Store};
+use walvault::storage::{self, CompletedPart, CreateOutcome, ObjectStore, PartSizer, StorageErrorKind, Store};
 
 use common::s3::S3Server;
 
@@ -147,8 +147,13 @@ async fn head_and_missing(b: &Backend) {
     assert_eq!(meta.size, 5);
     assert!(meta.modified.is_some());
     assert_eq!(store.head("head/missing").await.unwrap(), None);
-    // A "directory" of other objects is not an object.
+    // A "directory" of other objects is not an object, nor is a name below an object.
     assert_eq!(store.head("head").await.unwrap(), None);
+    assert_eq!(store.head("head/present/below").await.unwrap(), None);
+    let err = store.get("head/present/below", None).await.err().expect("get below an object fails");
+    assert_eq!(err.kind(), StorageErrorKind::NotFound, "{err}");
+    let err = store.get("head", None).await.err().expect("get of a directory fails");
+    assert_eq!(err.kind(), StorageErrorKind::NotFound, "{err}");
     let err = store.get("head/missing", None).await.err().expect("get of a missing key fails");
     assert_eq!(err.kind(), StorageErrorKind::NotFound, "{err}");
     assert_eq!(err.key(), "head/missing");
@@ -241,6 +246,9 @@ async fn delete_many_ignores_missing(b: &Backend) {
     // Deleting again, and deleting nothing, are fine.
     store.delete_many(&doomed).await.unwrap();
     store.delete_many(&[]).await.unwrap();
+    // A name that only prefixes other objects, or runs below one, is no object.
+    store.delete_many(&["del".to_string(), "del/0/below".into()]).await.unwrap();
+    assert_eq!(listed(store, "del/").await.len(), 3);
 }
 
 async fn put_if_absent_keeps_first(b: &Backend) {
@@ -276,6 +284,10 @@ async fn multipart_abort_leaves_nothing(b: &Backend) {
     let upload = store.start_multipart("mp/done").await.unwrap();
     let p1 = store.upload_part(&upload, 1, Bytes::from(content::bytes(6, 0..(5 << 20)))).await.unwrap();
     let p2 = store.upload_part(&upload, 2, Bytes::from(content::bytes(6, (5 << 20)..(5 << 20) + 10))).await.unwrap();
+    // Completing with a part that was never uploaded is refused.
+    let bogus = CompletedPart { number: 3, tag: "\"0123456789abcdef0123456789abcdef\"".into() };
+    let err = store.complete_multipart(&upload, vec![p1.clone(), p2.clone(), bogus]).await.unwrap_err();
+    assert_eq!(err.kind(), StorageErrorKind::InvalidInput, "{err}");
     store.complete_multipart(&upload, vec![p1, p2]).await.unwrap();
     assert_eq!(content::read_digest(store, "mp/done", None).await.unwrap(), content::digest(6, 0..(5 << 20) + 10));
     assert!(store.list_multipart("mp/").await.unwrap().is_empty());
