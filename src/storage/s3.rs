@@ -377,3 +377,22 @@ impl ObjectStore for S3Store {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_output_hides_secrets() {
+        let opts = S3Options {
+            bucket: "b".into(),
+            access_key_id: Some("AKIDEXAMPLE".into()),
+            secret_access_key: Some("very-secret".into()),
+            session_token: Some("token-secret".into()),
+            ..Default::default()
+        };
+        let text = format!("{opts:?}");
+        assert!(!text.contains("very-secret") && !text.contains("token-secret"), "{text}");
+        assert!(text.contains("AKIDEXAMPLE") && text.contains("<redacted>"), "{text}");
+    }
+}

@@ -52,3 +52,33 @@ pub(crate) fn checked_stream(inner: SdkByteStream, expected: Option<u64>, key: S
         }
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use futures::TryStreamExt;
+
+    use super::*;
+
+    fn site() -> Arc<Site> {
+        Arc::new(Site { location: "s3://b/p".into(), bucket: "b".into(), endpoint: "http://127.0.0.1:1".into() })
+    }
+
+    #[tokio::test]
+    async fn a_complete_body_passes() {
+        let body = SdkByteStream::from(bytes::Bytes::from_static(b"0123456789"));
+        let got: Vec<bytes::Bytes> = checked_stream(body, Some(10), "k".into(), site()).try_collect().await.unwrap();
+        assert_eq!(got.concat(), b"0123456789");
+    }
+
+    #[tokio::test]
+    async fn a_short_body_is_a_transient_error() {
+        let body = SdkByteStream::from(bytes::Bytes::from_static(b"01234"));
+        let mut stream = checked_stream(body, Some(10), "wal/1".into(), site());
+        assert_eq!(&stream.try_next().await.unwrap().unwrap()[..], b"01234");
+        let err = stream.try_next().await.unwrap_err();
+        assert_eq!(err.kind(), StorageErrorKind::Transient);
+        assert_eq!(err.key(), "wal/1");
+        assert!(err.to_string().contains("ended after 5 of 10 bytes"), "{err}");
+        assert!(stream.try_next().await.unwrap().is_none(), "nothing after the error");
+    }
+}
