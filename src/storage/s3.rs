@@ -95,7 +95,8 @@ impl S3Store {
             Some(e) => client::endpoint_url(e),
             None => format!("the AWS S3 endpoint of {}", opts.region.as_deref().unwrap_or(client::DEFAULT_REGION)),
         };
-        let site = Arc::new(Site { location, bucket: opts.bucket.clone(), endpoint });
+        let virtual_hosted_custom = opts.endpoint.as_deref().is_some_and(|e| !e.trim().is_empty()) && !opts.path_style;
+        let site = Arc::new(Site { location, bucket: opts.bucket.clone(), endpoint, virtual_hosted_custom });
         Ok(S3Store { client, bucket: opts.bucket, base, site })
     }
 

@@ -60,7 +60,12 @@ mod tests {
     use super::*;
 
     fn site() -> Arc<Site> {
-        Arc::new(Site { location: "s3://b/p".into(), bucket: "b".into(), endpoint: "http://127.0.0.1:1".into() })
+        Arc::new(Site {
+            location: "s3://b/p".into(),
+            bucket: "b".into(),
+            endpoint: "http://127.0.0.1:1".into(),
+            virtual_hosted_custom: false,
+        })
     }
 
     #[tokio::test]

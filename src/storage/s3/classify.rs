@@ -19,6 +19,9 @@ pub(crate) struct Site {
     pub bucket: String,
     /// The endpoint as configured, or a description of the AWS default.
     pub endpoint: String,
+    /// A custom endpoint addressed with virtual-hosted buckets (bucket.host):
+    /// many S3-compatible stores need path style instead.
+    pub virtual_hosted_custom: bool,
 }
 
 /// Classifies a failed SDK call of operation `op` on `key`.
@@ -55,7 +58,17 @@ where
             } else {
                 // Connection refused or reset, DNS, TLS handshake: the retry wrapper
                 // tries again and reports the store unreachable if it stays so.
-                StorageError::new(StorageErrorKind::Transient, key, format!("{op} at {at}: cannot reach {} ({cause})", site.endpoint))
+                let lookup_failed = ["dns", "lookup", "name or service"].iter().any(|w| cause.to_lowercase().contains(w));
+                let advice = if site.virtual_hosted_custom && lookup_failed {
+                    "; if this store does not serve buckets as host names (bucket.host), set repository.path_style = true"
+                } else {
+                    ""
+                };
+                StorageError::new(
+                    StorageErrorKind::Transient,
+                    key,
+                    format!("{op} at {at}: cannot reach {} ({cause}){advice}", site.endpoint),
+                )
             }
         }
         SdkError::TimeoutError(_) => {
