@@ -54,6 +54,27 @@ fn io_err(key: &str) -> impl Fn(std::io::Error) -> StorageError + '_ {
     move |e| StorageError::from_io(key, &e)
 }
 
+/// For reads: a path that runs through a file (`a/b/c` when `a/b` is an object)
+/// names no object, as on S3.
+fn read_err(key: &str) -> impl Fn(std::io::Error) -> StorageError + '_ {
+    move |e| match e.kind() {
+        std::io::ErrorKind::NotADirectory => StorageError::not_found(key),
+        _ => StorageError::from_io(key, &e),
+    }
+}
+
+/// For writes: S3 can hold both `a/b` and `a/b/c`, a file system cannot.
+fn write_err(key: &str) -> impl Fn(std::io::Error) -> StorageError + '_ {
+    move |e| match e.kind() {
+        std::io::ErrorKind::NotADirectory | std::io::ErrorKind::IsADirectory => StorageError::new(
+            StorageErrorKind::InvalidInput,
+            key,
+            "the file store cannot hold an object and other objects below its name (as 'a/b' and 'a/b/c'); S3 can",
+        ),
+        _ => StorageError::from_io(key, &e),
+    }
+}
+
 /// fsync of a directory, so that a rename or create in it is durable.
 pub(crate) fn sync_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
@@ -64,10 +85,11 @@ fn create_dirs(root: &Path, dir: &Path) -> std::io::Result<()> {
     if dir.is_dir() {
         return Ok(());
     }
-    if let Some(parent) = dir.parent() {
-        if parent != root && parent.starts_with(root) {
-            create_dirs(root, parent)?;
-        }
+    if let Some(parent) = dir.parent()
+        && parent != root
+        && parent.starts_with(root)
+    {
+        create_dirs(root, parent)?;
     }
     match std::fs::create_dir(dir) {
         Ok(()) => sync_dir(dir.parent().unwrap_or(root)),
@@ -80,11 +102,37 @@ fn temp_name(dir: &Path) -> PathBuf {
     dir.join(format!("{TMP_PREFIX}{:016x}", rand::random::<u64>()))
 }
 
-/// Writes `parts` to a fresh temporary file in `dir`, fsynced. Returns its path.
-fn write_temp(dir: &Path, parts: &mut dyn Iterator<Item = std::io::Result<Bytes>>) -> std::io::Result<PathBuf> {
-    let tmp = temp_name(dir);
+fn create_new(path: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new().write(true).create_new(true).open(path)
+}
+
+/// A fresh temporary file in `dir`, creating `dir` and its parents under `root`
+/// first. A concurrent `delete_many` may prune `dir`, while still empty, between
+/// the two steps: then both are tried again.
+fn create_temp(root: &Path, dir: &Path) -> std::io::Result<(std::fs::File, PathBuf)> {
+    let mut attempt = 0;
+    loop {
+        create_dirs(root, dir)?;
+        let tmp = temp_name(dir);
+        match create_new(&tmp) {
+            Ok(f) => return Ok((f, tmp)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && attempt < 3 => attempt += 1,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Writes `parts` to a fresh temporary file in `dir`, fsynced, and returns its
+/// path. With `root`, creates `dir` if needed (see `create_temp`).
+fn write_temp(root: Option<&Path>, dir: &Path, parts: &mut dyn Iterator<Item = std::io::Result<Bytes>>) -> std::io::Result<PathBuf> {
+    let (mut f, tmp) = match root {
+        Some(root) => create_temp(root, dir)?,
+        None => {
+            let tmp = temp_name(dir);
+            (create_new(&tmp)?, tmp)
+        }
+    };
     let result = (|| {
-        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp)?;
         for part in parts {
             f.write_all(&part?)?;
         }
@@ -115,11 +163,10 @@ impl ObjectStore for FileStore {
         let key = key.to_string();
         blocking(move || {
             let dir = path.parent().expect("object path has a parent");
-            create_dirs(&root, dir).map_err(io_err(&key))?;
-            let tmp = write_temp(dir, &mut std::iter::once(Ok(data))).map_err(io_err(&key))?;
+            let tmp = write_temp(Some(&root), dir, &mut std::iter::once(Ok(data))).map_err(write_err(&key))?;
             if let Err(e) = std::fs::rename(&tmp, &path) {
                 let _ = std::fs::remove_file(&tmp);
-                return Err(StorageError::from_io(&key, &e));
+                return Err(write_err(&key)(e));
             }
             sync_dir(dir).map_err(io_err(&key))
         })
@@ -132,8 +179,7 @@ impl ObjectStore for FileStore {
         let key = key.to_string();
         blocking(move || {
             let dir = path.parent().expect("object path has a parent");
-            create_dirs(&root, dir).map_err(io_err(&key))?;
-            let tmp = write_temp(dir, &mut std::iter::once(Ok(data))).map_err(io_err(&key))?;
+            let tmp = write_temp(Some(&root), dir, &mut std::iter::once(Ok(data))).map_err(write_err(&key))?;
             let linked = std::fs::hard_link(&tmp, &path);
             let _ = std::fs::remove_file(&tmp);
             match linked {
@@ -141,8 +187,11 @@ impl ObjectStore for FileStore {
                     sync_dir(dir).map_err(io_err(&key))?;
                     Ok(CreateOutcome::Created)
                 }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && path.is_dir() => {
+                    Err(write_err(&key)(std::io::Error::from(std::io::ErrorKind::IsADirectory)))
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(CreateOutcome::AlreadyExists),
-                Err(e) => Err(StorageError::from_io(&key, &e)),
+                Err(e) => Err(write_err(&key)(e)),
             }
         })
         .await
@@ -154,7 +203,7 @@ impl ObjectStore for FileStore {
         let (file, remaining) = {
             let key = key.clone();
             blocking(move || {
-                let mut f = std::fs::File::open(&path).map_err(io_err(&key))?;
+                let mut f = std::fs::File::open(&path).map_err(read_err(&key))?;
                 let size = f.metadata().map_err(io_err(&key))?.len();
                 if f.metadata().map_err(io_err(&key))?.is_dir() {
                     return Err(StorageError::not_found(&key));
@@ -220,7 +269,7 @@ impl ObjectStore for FileStore {
         blocking(move || match std::fs::metadata(&path) {
             Ok(md) if md.is_file() => Ok(Some(meta_of(key, &md))),
             Ok(_) => Ok(None),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory) => Ok(None),
             Err(e) => Err(StorageError::from_io(&key, &e)),
         })
         .await
@@ -232,7 +281,7 @@ impl ObjectStore for FileStore {
         blocking(move || {
             let mut objects = Vec::new();
             let after = continuation.unwrap_or_default();
-            walk_sorted(&root, &root, "", &prefix, &after, &mut objects)?;
+            walk_sorted(&root, "", &prefix, &after, &mut objects)?;
             let next = if objects.len() > PAGE {
                 objects.truncate(PAGE);
                 objects.last().map(|o| o.key.clone())
@@ -256,7 +305,13 @@ impl ObjectStore for FileStore {
                             dirs.insert(d.to_path_buf());
                         }
                     }
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    // No such object: nothing there, a path through a file, or a
+                    // "directory" of other objects.
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory | std::io::ErrorKind::IsADirectory
+                        ) => {}
                     Err(e) => return Err(StorageError::from_io(&key, &e)),
                 }
             }
@@ -294,7 +349,7 @@ impl ObjectStore for FileStore {
         let dir = self.multipart_dir(upload)?;
         let key = upload.key.clone();
         blocking(move || {
-            let tmp = write_temp(&dir, &mut std::iter::once(Ok(data))).map_err(io_err(&key))?;
+            let tmp = write_temp(None, &dir, &mut std::iter::once(Ok(data))).map_err(io_err(&key))?;
             std::fs::rename(&tmp, dir.join(format!("{number:05}"))).map_err(io_err(&key))?;
             Ok(CompletedPart { number, tag: number.to_string() })
         })
@@ -308,12 +363,16 @@ impl ObjectStore for FileStore {
         let key = upload.key.clone();
         blocking(move || {
             let target_dir = path.parent().expect("object path has a parent").to_path_buf();
-            create_dirs(&root, &target_dir).map_err(io_err(&key))?;
-            let mut files = parts.iter().map(|p| std::fs::read(dir.join(format!("{:05}", p.number))).map(Bytes::from));
-            let tmp = write_temp(&target_dir, &mut files).map_err(io_err(&key))?;
+            let part_path = |number: u32| dir.join(format!("{number:05}"));
+            if let Some(missing) = parts.iter().find(|p| !part_path(p.number).is_file()) {
+                // What S3 calls InvalidPart.
+                return Err(StorageError::new(StorageErrorKind::InvalidInput, &key, format!("part {} was never uploaded", missing.number)));
+            }
+            let mut files = parts.iter().map(|p| std::fs::read(part_path(p.number)).map(Bytes::from));
+            let tmp = write_temp(Some(&root), &target_dir, &mut files).map_err(write_err(&key))?;
             if let Err(e) = std::fs::rename(&tmp, &path) {
                 let _ = std::fs::remove_file(&tmp);
-                return Err(StorageError::from_io(&key, &e));
+                return Err(write_err(&key)(e));
             }
             sync_dir(&target_dir).map_err(io_err(&key))?;
             std::fs::remove_dir_all(&dir).ok();
@@ -323,7 +382,13 @@ impl ObjectStore for FileStore {
     }
 
     async fn abort_multipart(&self, upload: &MultipartUpload) -> Result<(), StorageError> {
-        let dir = self.multipart_dir(upload)?;
+        // An upload that is gone (completed, or aborted by an attempt whose answer
+        // was lost) leaves nothing to remove: not an error, as on S3.
+        let dir = match self.multipart_dir(upload) {
+            Ok(dir) => dir,
+            Err(e) if e.kind() == StorageErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
         let key = upload.key.clone();
         blocking(move || match std::fs::remove_dir_all(&dir) {
             Ok(()) => Ok(()),
@@ -371,7 +436,7 @@ impl FileStore {
 
 /// Depth-first walk in S3 key order (a directory `d` sorts as `d/`), collecting up
 /// to PAGE + 1 keys that start with `prefix` and sort after `after`.
-fn walk_sorted(root: &Path, dir: &Path, rel: &str, prefix: &str, after: &str, out: &mut Vec<ObjectMeta>) -> Result<(), StorageError> {
+fn walk_sorted(dir: &Path, rel: &str, prefix: &str, after: &str, out: &mut Vec<ObjectMeta>) -> Result<(), StorageError> {
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
@@ -399,7 +464,7 @@ fn walk_sorted(root: &Path, dir: &Path, rel: &str, prefix: &str, after: &str, ou
             let relevant = key.starts_with(prefix) || prefix.starts_with(&key);
             let not_before = after.is_empty() || key.as_str() > after || after.starts_with(&key);
             if relevant && not_before {
-                walk_sorted(root, &dir.join(name.trim_end_matches('/')), &key, prefix, after, out)?;
+                walk_sorted(&dir.join(name.trim_end_matches('/')), &key, prefix, after, out)?;
             }
         } else if key.starts_with(prefix) && key.as_str() > after {
             let md = std::fs::metadata(dir.join(&name)).map_err(|e| StorageError::from_io(&key, &e))?;
@@ -407,4 +472,42 @@ fn walk_sorted(root: &Path, dir: &Path, rel: &str, prefix: &str, after: &str, ou
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn an_object_name_cannot_also_hold_objects() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::new(dir.path()).unwrap();
+        store.put("a/b", Bytes::from_static(b"x")).await.unwrap();
+        let err = store.put("a/b/c", Bytes::from_static(b"y")).await.unwrap_err();
+        assert_eq!(err.kind(), StorageErrorKind::InvalidInput, "{err}");
+        assert!(err.to_string().contains("'a/b' and 'a/b/c'"), "{err}");
+        store.put("d/e/f", Bytes::from_static(b"x")).await.unwrap();
+        for err in [
+            store.put("d/e", Bytes::from_static(b"y")).await.unwrap_err(),
+            store.put_if_absent("d/e", Bytes::from_static(b"y")).await.unwrap_err(),
+        ] {
+            assert_eq!(err.kind(), StorageErrorKind::InvalidInput, "{err}");
+        }
+    }
+
+    /// `delete_many` prunes directories it empties; a put into the same directory
+    /// at that moment must not fail because its directory vanished.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn puts_survive_concurrent_pruning() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::new(dir.path()).unwrap();
+        for i in 0..150 {
+            store.put("p/q/old", Bytes::from_static(b"x")).await.unwrap();
+            let (old, new) = (vec!["p/q/old".to_string()], format!("p/q/new{i}"));
+            let (deleted, put) = tokio::join!(store.delete_many(&old), store.put(&new, Bytes::from_static(b"y")));
+            deleted.unwrap();
+            put.unwrap_or_else(|e| panic!("round {i}: {e}"));
+            store.delete_many(&[new]).await.unwrap();
+        }
+    }
 }

@@ -93,8 +93,11 @@ pub trait ObjectStore: Send + Sync + 'static {
     /// Size and time of an object, or `None` if there is none.
     async fn head(&self, key: &str) -> Result<Option<ObjectMeta>, StorageError>;
 
-    /// One page (at most about 1000 keys) of the objects whose key starts with `prefix`,
-    /// in lexicographic order of key.
+    /// One page (at most about 1000 keys) of the objects whose key starts with `prefix`.
+    /// The pages together hold every key once. AWS S3 and the file store give keys
+    /// in lexicographic order; some S3-compatible stores do not (SeaweedFS lists a
+    /// "directory" `a/...` before siblings such as `a-b` that sort before `/`), so
+    /// callers that need the order use [`list_all`], which sorts.
     async fn list_page(&self, prefix: &str, continuation: Option<String>) -> Result<ListPage, StorageError>;
 
     /// Deletes the objects; keys that do not exist are not an error.
@@ -111,7 +114,8 @@ pub trait ObjectStore: Send + Sync + 'static {
 /// A shared store handle.
 pub type Store = Arc<dyn ObjectStore>;
 
-/// Lists every object under `prefix`, following continuation tokens.
+/// Lists every object under `prefix`, following continuation tokens, in
+/// lexicographic order of key whatever order the store pages in.
 pub async fn list_all(store: &dyn ObjectStore, prefix: &str) -> Result<Vec<ObjectMeta>, StorageError> {
     let mut out = Vec::new();
     let mut token = None;
@@ -120,9 +124,11 @@ pub async fn list_all(store: &dyn ObjectStore, prefix: &str) -> Result<Vec<Objec
         out.extend(page.objects);
         match page.next {
             Some(next) => token = Some(next),
-            None => return Ok(out),
+            None => break,
         }
     }
+    out.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+    Ok(out)
 }
 
 /// Reads a whole object into memory. Use only for objects known to be small

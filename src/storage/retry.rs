@@ -200,6 +200,22 @@ fn resuming_stream(
                     match st.inner.get(&st.key, Some(range)).await {
                         Ok(s) => st.stream = Some(s),
                         Err(e) if e.is_transient() => st.stream = Some(Box::pin(futures::stream::once(async move { Err(e) }))),
+                        // An open-ended read cut after its last byte: asking for the
+                        // bytes from the end on is refused as out of range. The object
+                        // is complete if it is no longer than what was delivered.
+                        Err(e)
+                            if e.kind() == StorageErrorKind::InvalidInput
+                                && st.end.is_none_or(|end| end == u64::MAX)
+                                && st.delivered > 0 =>
+                        {
+                            match st.inner.head(&st.key).await {
+                                Ok(Some(meta)) if meta.size <= from => return None,
+                                _ => {
+                                    st.stream = None;
+                                    return Some((Err(e), st));
+                                }
+                            }
+                        }
                         Err(e) => {
                             st.stream = None;
                             return Some((Err(e), st));
