@@ -174,7 +174,7 @@ pub struct Config {
     pub source: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PostgresConfig {
     pub conninfo: String,
@@ -183,7 +183,7 @@ pub struct PostgresConfig {
     pub application_name: String,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RepositoryConfig {
     pub url: String,
@@ -399,6 +399,36 @@ impl Default for AlertsConfig {
 impl Default for RestoreConfig {
     fn default() -> Self {
         RestoreConfig { target_action: TargetAction::Promote }
+    }
+}
+
+// Debug output never shows secrets (logs, panics, error reports).
+impl std::fmt::Debug for PostgresConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let conninfo = if conninfo_has_password(&self.conninfo) { "<redacted: holds a password>" } else { self.conninfo.as_str() };
+        f.debug_struct("PostgresConfig")
+            .field("conninfo", &conninfo)
+            .field("bin_dir", &self.bin_dir)
+            .field("slot", &self.slot)
+            .field("application_name", &self.application_name)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for RepositoryConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RepositoryConfig")
+            .field("url", &self.url)
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("path_style", &self.path_style)
+            .field("checksums", &self.checksums)
+            .field("access_key_id", &self.access_key_id)
+            .field("secret_access_key", &if self.secret_access_key.is_empty() { "" } else { "<redacted>" })
+            .field("retries", &self.retries)
+            .field("timeout", &self.timeout)
+            .field("parallel", &self.parallel)
+            .finish()
     }
 }
 
@@ -710,6 +740,15 @@ mod tests {
         assert!(e.to_string().contains("unknown duration unit"), "{e}");
         let e = load(None, &env(&[("WALVAULT_REPOSITORY_URL", "ftp://x")]), &[]).unwrap_err();
         assert!(e.to_string().contains("neither file:///path nor s3://"), "{e}");
+    }
+
+    #[test]
+    fn debug_output_hides_secrets() {
+        let mut c = Config::default();
+        c.repository.secret_access_key = "s3cr3t-key".into();
+        c.postgres.conninfo = "host=db user=x password=hunter2".into();
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("s3cr3t-key") && !shown.contains("hunter2"), "{shown}");
     }
 
     #[test]
