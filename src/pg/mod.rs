@@ -2,11 +2,20 @@
 //! WAL coordinate types, WAL page-header checks, BASE_BACKUP and the WAL
 //! streamer, and recovery configuration.
 
+mod auth;
+mod certhash;
 pub mod conn;
 pub mod conninfo;
+mod errfields;
 pub mod lsn;
+mod query;
+mod startup;
+mod tls;
 pub mod walheader;
+mod wire;
 
+pub use conn::{AuthMethod, BackendMessage, CancelToken, Connection, Mode, ResultSet, SystemInfo};
+pub use conninfo::ConnParams;
 pub use lsn::{Lsn, TimelineId, WalSegmentName};
 
 #[derive(Debug, thiserror::Error)]
