@@ -156,22 +156,22 @@ pub fn classify_wal_file(name: &str) -> Option<WalFileKind> {
     if hex(name, 24) {
         return Some(WalFileKind::Segment);
     }
-    if let Some(seg) = name.strip_suffix(".partial") {
-        if hex(seg, 24) {
-            return Some(WalFileKind::Partial);
-        }
+    if let Some(seg) = name.strip_suffix(".partial")
+        && hex(seg, 24)
+    {
+        return Some(WalFileKind::Partial);
     }
-    if let Some(rest) = name.strip_suffix(".backup") {
-        if let Some((seg, off)) = rest.split_once('.') {
-            if hex(seg, 24) && hex(off, 8) {
-                return Some(WalFileKind::BackupHistory);
-            }
-        }
+    if let Some(rest) = name.strip_suffix(".backup")
+        && let Some((seg, off)) = rest.split_once('.')
+        && hex(seg, 24)
+        && hex(off, 8)
+    {
+        return Some(WalFileKind::BackupHistory);
     }
-    if let Some(tli) = name.strip_suffix(".history") {
-        if hex(tli, 8) {
-            return Some(WalFileKind::History);
-        }
+    if let Some(tli) = name.strip_suffix(".history")
+        && hex(tli, 8)
+    {
+        return Some(WalFileKind::History);
     }
     None
 }
@@ -215,10 +215,10 @@ pub fn parse_history(content: &str) -> Result<Vec<HistoryEntry>, String> {
             .ok_or_else(|| format!("line {}: no switch point", i + 1))?
             .parse()
             .map_err(|_| format!("line {}: bad switch point", i + 1))?;
-        if let Some(prev) = out.last() {
-            if tli <= prev.tli || lsn < prev.switch_lsn {
-                return Err(format!("line {}: timeline ids and switch points must increase", i + 1));
-            }
+        if let Some(prev) = out.last()
+            && (tli <= prev.tli || lsn < prev.switch_lsn)
+        {
+            return Err(format!("line {}: timeline ids and switch points must increase", i + 1));
         }
         out.push(HistoryEntry { tli, switch_lsn: lsn });
     }

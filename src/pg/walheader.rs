@@ -88,7 +88,7 @@ pub fn check_segment(
     let n = name.to_string();
     let block = expected.block_size as usize;
     let len = data.len() as u64;
-    if len > expected.seg_size || (!allow_short && len != expected.seg_size) || (len as usize % block != 0) {
+    if len > expected.seg_size || (!allow_short && len != expected.seg_size) || !(len as usize).is_multiple_of(block) {
         return Err(WalHeaderError::WrongSize { name: n, actual: len, expected: expected.seg_size });
     }
     let magic = page_magic(expected.pg_major).unwrap_or(0);
