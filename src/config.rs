@@ -234,7 +234,9 @@ pub struct WalConfig {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
+#[derive(Default)]
 pub enum Checkpoint {
+    #[default]
     Fast,
     Spread,
 }
@@ -282,7 +284,9 @@ pub struct AlertsConfig {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
+#[derive(Default)]
 pub enum TargetAction {
+    #[default]
     Promote,
     Pause,
     Shutdown,
@@ -392,30 +396,18 @@ impl Default for AlertsConfig {
     }
 }
 
-impl Default for TargetAction {
-    fn default() -> Self {
-        TargetAction::Promote
-    }
-}
-
 impl Default for RestoreConfig {
     fn default() -> Self {
         RestoreConfig { target_action: TargetAction::Promote }
     }
 }
 
-impl Default for Checkpoint {
-    fn default() -> Self {
-        Checkpoint::Fast
-    }
-}
-
 /// Where to look for the configuration file when `--config` is not given.
 pub fn default_config_path() -> Option<PathBuf> {
-    if let Ok(p) = std::env::var("WALVAULT_CONFIG") {
-        if !p.is_empty() {
-            return Some(PathBuf::from(p));
-        }
+    if let Ok(p) = std::env::var("WALVAULT_CONFIG")
+        && !p.is_empty()
+    {
+        return Some(PathBuf::from(p));
     }
     ["./walvault.toml", "/etc/walvault/walvault.toml"].iter().map(PathBuf::from).find(|p| p.exists())
 }

@@ -45,7 +45,7 @@ impl Ctx {
                 "set encryption.recipients to the age public key printed by `walvault keygen`",
             ));
         }
-        self.config.encryption.recipients.iter().map(|r| Ok(seal::parse_recipient(r).context("encryption.recipients")?)).collect()
+        self.config.encryption.recipients.iter().map(|r| seal::parse_recipient(r).context("encryption.recipients")).collect()
     }
 
     /// The restore identity, for restore and verify --deep.

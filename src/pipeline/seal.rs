@@ -134,10 +134,10 @@ impl Opener {
                 };
                 plain_hasher.update(&buf[..n]);
                 plain_len += n as u64;
-                if let Some(limit) = expected.plain_len {
-                    if plain_len > limit {
-                        return Err(SealError::LengthMismatch { expected: limit, actual: plain_len });
-                    }
+                if let Some(limit) = expected.plain_len
+                    && plain_len > limit
+                {
+                    return Err(SealError::LengthMismatch { expected: limit, actual: plain_len });
                 }
                 output.write_all(&buf[..n]).map_err(SealError::Io)?;
             }
@@ -149,20 +149,20 @@ impl Opener {
         io::copy(&mut hashed_in, &mut io::sink()).map_err(SealError::Io)?;
         let (stored_hash, stored_len) = hashed_in.finish();
         let summary = SealSummary { plain_len: plain.0, plain_hash: plain.1, stored_len, stored_hash };
-        if let Some(h) = expected.stored_hash {
-            if h != stored_hash {
-                return Err(SealError::StoredHashMismatch { expected: h, actual: stored_hash });
-            }
+        if let Some(h) = expected.stored_hash
+            && h != stored_hash
+        {
+            return Err(SealError::StoredHashMismatch { expected: h, actual: stored_hash });
         }
-        if let Some(h) = expected.plain_hash {
-            if h != summary.plain_hash {
-                return Err(SealError::PlainHashMismatch { expected: h, actual: summary.plain_hash });
-            }
+        if let Some(h) = expected.plain_hash
+            && h != summary.plain_hash
+        {
+            return Err(SealError::PlainHashMismatch { expected: h, actual: summary.plain_hash });
         }
-        if let Some(len) = expected.plain_len {
-            if len != summary.plain_len {
-                return Err(SealError::LengthMismatch { expected: len, actual: summary.plain_len });
-            }
+        if let Some(len) = expected.plain_len
+            && len != summary.plain_len
+        {
+            return Err(SealError::LengthMismatch { expected: len, actual: summary.plain_len });
         }
         output.flush().map_err(SealError::Io)?;
         Ok(summary)

@@ -64,10 +64,11 @@ fn create_dirs(root: &Path, dir: &Path) -> std::io::Result<()> {
     if dir.is_dir() {
         return Ok(());
     }
-    if let Some(parent) = dir.parent() {
-        if parent != root && parent.starts_with(root) {
-            create_dirs(root, parent)?;
-        }
+    if let Some(parent) = dir.parent()
+        && parent != root
+        && parent.starts_with(root)
+    {
+        create_dirs(root, parent)?;
     }
     match std::fs::create_dir(dir) {
         Ok(()) => sync_dir(dir.parent().unwrap_or(root)),
@@ -232,7 +233,7 @@ impl ObjectStore for FileStore {
         blocking(move || {
             let mut objects = Vec::new();
             let after = continuation.unwrap_or_default();
-            walk_sorted(&root, &root, "", &prefix, &after, &mut objects)?;
+            walk_sorted(&root, "", &prefix, &after, &mut objects)?;
             let next = if objects.len() > PAGE {
                 objects.truncate(PAGE);
                 objects.last().map(|o| o.key.clone())
@@ -371,7 +372,7 @@ impl FileStore {
 
 /// Depth-first walk in S3 key order (a directory `d` sorts as `d/`), collecting up
 /// to PAGE + 1 keys that start with `prefix` and sort after `after`.
-fn walk_sorted(root: &Path, dir: &Path, rel: &str, prefix: &str, after: &str, out: &mut Vec<ObjectMeta>) -> Result<(), StorageError> {
+fn walk_sorted(dir: &Path, rel: &str, prefix: &str, after: &str, out: &mut Vec<ObjectMeta>) -> Result<(), StorageError> {
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
@@ -399,7 +400,7 @@ fn walk_sorted(root: &Path, dir: &Path, rel: &str, prefix: &str, after: &str, ou
             let relevant = key.starts_with(prefix) || prefix.starts_with(&key);
             let not_before = after.is_empty() || key.as_str() > after || after.starts_with(&key);
             if relevant && not_before {
-                walk_sorted(root, &dir.join(name.trim_end_matches('/')), &key, prefix, after, out)?;
+                walk_sorted(&dir.join(name.trim_end_matches('/')), &key, prefix, after, out)?;
             }
         } else if key.starts_with(prefix) && key.as_str() > after {
             let md = std::fs::metadata(dir.join(&name)).map_err(|e| StorageError::from_io(&key, &e))?;

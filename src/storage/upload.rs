@@ -81,10 +81,10 @@ where
         Ok(total)
     }
     .await;
-    if result.is_err() {
-        if let Err(e) = store.abort_multipart(&upload).await {
-            tracing::warn!(key, error = %e, "could not abort a failed multipart upload; `walvault expire` removes it later");
-        }
+    if result.is_err()
+        && let Err(e) = store.abort_multipart(&upload).await
+    {
+        tracing::warn!(key, error = %e, "could not abort a failed multipart upload; `walvault expire` removes it later");
     }
     result
 }
