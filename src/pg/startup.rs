@@ -186,7 +186,7 @@ async fn attempt(params: &ConnParams, endpoint: &Endpoint, mode: Mode, encryptio
 }
 
 /// Sends SSLRequest and reads the one-byte answer straight from the socket
-/// (nothing buffered beyond it), then runs the TLS handshake on `S`.
+/// (nothing is buffered beyond it), then runs the TLS handshake on `S`.
 async fn negotiate_tls(
     mut tcp: TcpStream,
     params: &ConnParams,
@@ -200,6 +200,15 @@ async fn negotiate_tls(
     tcp.read_exact(&mut answer).await?;
     match answer[0] {
         b'S' => {
+            // Anything already waiting was sent before encryption, so it may
+            // be a man-in-the-middle's injection (CVE-2021-23222); libpq
+            // refuses it the same way. Later injected bytes fail the handshake.
+            if tcp.try_read(&mut [0u8; 1]).is_ok_and(|n| n > 0) {
+                return Err(PgError::Tls(format!(
+                    "{} sent unencrypted data after agreeing to TLS; refusing the connection (possible man-in-the-middle)",
+                    endpoint.describe()
+                )));
+            }
             let established = tls::handshake(tcp, params, endpoint).await?;
             Ok((Stream::Tls(Box::new(established.stream)), established.server_end_point))
         }
