@@ -427,22 +427,48 @@ impl Drop for PgCluster {
 
 /// Makes the built `walvault` binary runnable by the server's user (for
 /// archive_command and restore_command): a copy in a 0755 directory under
-/// /tmp, once per test process, since the build directory may not be
-/// reachable for `postgres`.
+/// /tmp, since the build directory may not be reachable for `postgres`.
+/// The copy is keyed by the build (path, size, mtime), so test processes of
+/// one build share it, and copies unused for a day are swept.
 pub fn walvault_for_postgres() -> PathBuf {
     static COPY: OnceLock<PathBuf> = OnceLock::new();
     COPY.get_or_init(|| {
-        let dir = PathBuf::from(format!("/tmp/walvault-bin-{}", std::process::id()));
+        use std::hash::{Hash, Hasher};
+        let built = Path::new(env!("CARGO_BIN_EXE_walvault"));
+        let meta = fs::metadata(built).expect("the walvault binary is built");
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        (built, meta.len(), meta.modified().ok()).hash(&mut hasher);
+        sweep_old_binary_copies();
+        let dir = PathBuf::from(format!("/tmp/walvault-bin-{:016x}", hasher.finish()));
         fs::create_dir_all(&dir).expect("create the binary directory");
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+        // Marks the directory as in use for the sweep.
+        fs::write(dir.join("last-used"), std::process::id().to_string()).unwrap();
         let target = dir.join("walvault");
-        let tmp = dir.join("walvault.tmp");
-        fs::copy(env!("CARGO_BIN_EXE_walvault"), &tmp).expect("copy the walvault binary");
-        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o755)).unwrap();
-        fs::rename(&tmp, &target).unwrap();
+        if fs::metadata(&target).map(|m| m.len()).ok() != Some(meta.len()) {
+            let tmp = dir.join(format!("walvault.{}.tmp", std::process::id()));
+            fs::copy(built, &tmp).expect("copy the walvault binary");
+            fs::set_permissions(&tmp, fs::Permissions::from_mode(0o755)).unwrap();
+            fs::rename(&tmp, &target).unwrap();
+        }
         target
     })
     .clone()
+}
+
+fn sweep_old_binary_copies() {
+    let Ok(entries) = fs::read_dir("/tmp") else { return };
+    for entry in entries.flatten() {
+        let old = entry
+            .metadata()
+            .ok()
+            .and_then(|m| m.modified().ok())
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > Duration::from_secs(86_400));
+        if old && entry.file_name().to_string_lossy().starts_with("walvault-bin-") {
+            fs::remove_dir_all(entry.path()).ok();
+        }
+    }
 }
 
 /// A single-quoted SQL (and postgresql.conf) literal.
