@@ -428,21 +428,20 @@ impl Drop for PgCluster {
 /// Makes the built `walvault` binary runnable by the server's user (for
 /// archive_command and restore_command): a copy in a 0755 directory under
 /// /tmp, since the build directory may not be reachable for `postgres`.
-/// The copy is keyed by the build (path, size, mtime), so test processes of
-/// one build share it, and copies unused for a day are swept.
+/// Test processes of one build share the copy; copies of older builds of
+/// the same binary, and any unused for a day, are removed.
 pub fn walvault_for_postgres() -> PathBuf {
     static COPY: OnceLock<PathBuf> = OnceLock::new();
     COPY.get_or_init(|| {
-        use std::hash::{Hash, Hasher};
         let built = Path::new(env!("CARGO_BIN_EXE_walvault"));
         let meta = fs::metadata(built).expect("the walvault binary is built");
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        (built, meta.len(), meta.modified().ok()).hash(&mut hasher);
-        sweep_old_binary_copies();
-        let dir = PathBuf::from(format!("/tmp/walvault-bin-{:016x}", hasher.finish()));
+        let source = format!("walvault-bin-{:016x}-", hash(&built));
+        let name = format!("{source}{:016x}", hash(&(meta.len(), meta.modified().ok())));
+        sweep_binary_copies(&source, &name);
+        let dir = Path::new("/tmp").join(&name);
         fs::create_dir_all(&dir).expect("create the binary directory");
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
-        // Marks the directory as in use for the sweep.
+        // Marks the directory as in use for the day-old sweep.
         fs::write(dir.join("last-used"), std::process::id().to_string()).unwrap();
         let target = dir.join("walvault");
         if fs::metadata(&target).map(|m| m.len()).ok() != Some(meta.len()) {
@@ -456,16 +455,29 @@ pub fn walvault_for_postgres() -> PathBuf {
     .clone()
 }
 
-fn sweep_old_binary_copies() {
+fn hash(value: &impl std::hash::Hash) -> u64 {
+    use std::hash::Hasher;
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    value.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// Removes copies of other builds of this binary (`source` prefix) and any
+/// copy unused for a day; each is some 100 MB.
+fn sweep_binary_copies(source: &str, keep: &str) {
     let Ok(entries) = fs::read_dir("/tmp") else { return };
     for entry in entries.flatten() {
-        let old = entry
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("walvault-bin-") || name == keep {
+            continue;
+        }
+        let day_old = entry
             .metadata()
             .ok()
             .and_then(|m| m.modified().ok())
             .and_then(|t| t.elapsed().ok())
             .is_some_and(|age| age > Duration::from_secs(86_400));
-        if old && entry.file_name().to_string_lossy().starts_with("walvault-bin-") {
+        if name.starts_with(source) || day_old {
             fs::remove_dir_all(entry.path()).ok();
         }
     }
