@@ -66,7 +66,9 @@ fn bench(c: &mut Criterion) {
     group.sample_size(10);
     for level in [1, 3] {
         let sealer = Sealer::new(recipient.clone(), level).unwrap();
-        group.bench_with_input(BenchmarkId::from_parameter(format!("zstd{level}")), &data, |b, d| b.iter(|| black_box(sealer.seal_bytes(d).unwrap())));
+        group.bench_with_input(BenchmarkId::from_parameter(format!("zstd{level}")), &data, |b, d| {
+            b.iter(|| black_box(sealer.seal_bytes(d).unwrap()))
+        });
     }
     group.finish();
 
@@ -78,7 +80,9 @@ fn bench(c: &mut Criterion) {
         let (stored, summary) = sealer.seal_bytes(&data).unwrap();
         let exp = Expected { stored_hash: Some(summary.stored_hash), plain_hash: Some(summary.plain_hash), plain_len: Some(SIZE as u64) };
         eprintln!("zstd {level}: ratio {:.1}x", SIZE as f64 / stored.len() as f64);
-        group.bench_with_input(BenchmarkId::from_parameter(format!("zstd{level}")), &stored, |b, s| b.iter(|| black_box(opener.open_bytes(s, &exp).unwrap())));
+        group.bench_with_input(BenchmarkId::from_parameter(format!("zstd{level}")), &stored, |b, s| {
+            b.iter(|| black_box(opener.open_bytes(s, &exp).unwrap()))
+        });
     }
     group.finish();
 

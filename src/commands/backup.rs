@@ -179,7 +179,7 @@ async fn backup_locked(
         Ok(manifest)
     }
     .await;
-    conn.close().await;
+    let _ = conn.close().await;
     let _ = std::fs::remove_dir_all(&spool);
     result
 }

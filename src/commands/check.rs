@@ -198,7 +198,7 @@ pub async fn run(ctx: &Ctx, args: &CheckArgs) -> Result<i32> {
     } else {
         r.ok("archive_mode", "off (WAL reaches the repository by streaming: run the daemon or `walvault stream`)");
     }
-    conn.close().await;
+    let _ = conn.close().await;
 
     // Does WAL actually arrive? Switch segments and wait for the one just closed.
     if !args.no_switch {
@@ -258,7 +258,7 @@ async fn switch_wal(params: &ConnParams) -> Result<Lsn> {
     }
     let mut conn = Connection::connect(&params, Mode::Database).await?;
     let sets = conn.simple_query("SELECT pg_switch_wal()::text").await?;
-    conn.close().await;
+    let _ = conn.close().await;
     let text = sets.first().and_then(|s| s.rows.first()).and_then(|r| r.first().cloned().flatten()).unwrap_or_default();
     text.parse().map_err(|_| Error::failed(format!("pg_switch_wal returned '{text}'")))
 }

@@ -103,7 +103,7 @@ pub async fn cluster_info(ctx: &Ctx) -> Result<ClusterInfo> {
         wal_block_size,
         block_size,
     };
-    conn.close().await;
+    let _ = conn.close().await;
     if !(13..=18).contains(&info.major()) {
         tracing::warn!(version = %info.pg_version, "walvault is tested with PostgreSQL 13 to 18");
     }

@@ -534,7 +534,7 @@ async fn replay(ctx: &Ctx, postgres: &Path, pgdata: &Path, target: &RecoveryTarg
                     eprintln!("  replaying: at {} after {}", get(1).unwrap_or_default(), crate::util::human_duration(started.elapsed()));
                 }
             }
-            conn.close().await;
+            let _ = conn.close().await;
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     };

@@ -2,16 +2,25 @@
 //! WAL coordinate types, WAL page-header checks, BASE_BACKUP and the WAL
 //! streamer, and recovery configuration.
 
+mod auth;
 pub mod basebackup;
+mod certhash;
 pub mod conn;
 pub mod conninfo;
+mod errfields;
 pub mod lsn;
+mod query;
 pub mod recovery;
 pub mod server;
+mod startup;
 pub mod streamer;
 pub mod tar;
+mod tls;
 pub mod walheader;
+mod wire;
 
+pub use conn::{AuthMethod, BackendMessage, CancelToken, Connection, Mode, ResultSet, SystemInfo};
+pub use conninfo::ConnParams;
 pub use lsn::{Lsn, TimelineId, WalSegmentName};
 
 #[derive(Debug, thiserror::Error)]
