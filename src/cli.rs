@@ -178,6 +178,11 @@ pub struct RestoreArgs {
     /// Put tablespace OID at DIR instead of its original location (repeatable).
     #[arg(long = "tablespace-map", value_name = "OID=DIR")]
     pub tablespace_map: Vec<String>,
+    /// Archiving of the restored cluster: `preserve` (as in the backup) or `off`
+    /// (a side copy that must not archive into the repository). `--replay` without
+    /// `--keep-running` always runs the server with archiving off.
+    #[arg(long, value_name = "MODE", default_value = "preserve", value_parser = ["preserve", "off"])]
+    pub archive_mode: String,
     /// Start PostgreSQL on the restored directory, replay to the target, report what was reached, and stop it.
     #[arg(long)]
     pub replay: bool,

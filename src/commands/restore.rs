@@ -96,7 +96,7 @@ pub async fn run(ctx: &Ctx, args: &RestoreArgs) -> Result<i32> {
             t => t,
         },
         action: format!("{:?}", ctx.config.restore.target_action).to_lowercase(),
-        archive_off: false,
+        archive_off: args.archive_mode == "off",
     };
     recovery.write(&pgdata).context("cannot write the recovery settings")?;
     if let Some((uid, gid)) = owner {
@@ -293,7 +293,9 @@ pub fn choose(catalog: &Catalog, target: &RecoveryTarget, timeline: &TargetTimel
     }
     let (tli, explicit) = match timeline {
         TargetTimeline::Id(t) => (*t, true),
-        TargetTimeline::Latest => (catalog.latest_timeline().unwrap_or(1), false),
+        // Written as a number: PostgreSQL's own `latest` would follow the highest-numbered
+        // timeline, which may be an abandoned branch.
+        TargetTimeline::Latest => (catalog.latest_timeline().unwrap_or(1), true),
         TargetTimeline::Current => {
             let b = match forced {
                 Some(id) => catalog.backup(id).ok_or_else(|| Error::Usage(format!("no backup {id} in the repository")))?,
@@ -469,7 +471,10 @@ async fn replay(ctx: &Ctx, postgres: &Path, pgdata: &Path, target: &RecoveryTarg
         use std::os::unix::fs::DirBuilderExt;
         std::fs::DirBuilder::new().mode(0o700).create(&work)?;
     }
-    let mut server = LocalServer::start(postgres, pgdata, port, &work)?;
+    // A replay that is stopped afterwards is a verification or an extraction:
+    // its new timeline must not be archived into the repository.
+    let archive_off = !args.keep_running;
+    let mut server = LocalServer::start(postgres, pgdata, port, &work, archive_off)?;
     eprintln!("replaying WAL with {} on port {port} (log: {})", postgres.display(), server.log_path.display());
     let (_, _, user) = owner_of(pgdata)?;
     let conninfo = format!("host={} port={port} user={user} dbname=template1 connect_timeout=5", server.socket_dir.display());
@@ -494,16 +499,27 @@ async fn replay(ctx: &Ctx, postgres: &Path, pgdata: &Path, target: &RecoveryTarg
             return Err(Error::coded(
                 exit::NOT_REACHED,
                 format!("PostgreSQL stopped during recovery ({status}) without reaching the target: {}", fatal_lines(&log)),
-                Some(format!("the full server log was: {}", last_lines(&log, 8))),
+                Some(format!(
+                    "if other timelines exist (`walvault info`), the target may lie on another one: pass --target-timeline; server log: {}",
+                    last_lines(&log, 8)
+                )),
             ));
         }
-        if let Ok(mut conn) = Connection::connect(&params, Mode::Database).await {
+        let attempt = Connection::connect(&params, Mode::Database).await;
+        if let Err(e) = &attempt {
+            tracing::debug!(error = %e, "not connected to the restored server yet");
+        }
+        if let Ok(mut conn) = attempt {
             let q = conn
                 .simple_query(
                     "SELECT pg_is_in_recovery()::text, pg_last_wal_replay_lsn()::text, pg_last_xact_replay_timestamp()::text, \
-                     CASE WHEN current_setting('server_version_num')::int >= 140000 THEN pg_get_wal_replay_pause_state()::text ELSE 'unknown' END",
+                     CASE WHEN pg_is_in_recovery() AND current_setting('server_version_num')::int >= 140000 \
+                     THEN pg_get_wal_replay_pause_state()::text ELSE 'not paused' END",
                 )
                 .await;
+            if let Err(e) = &q {
+                tracing::debug!(error = %e, "replay status query failed");
+            }
             if let Ok(sets) = q {
                 let row = sets.first().and_then(|s| s.rows.first()).cloned().unwrap_or_default();
                 let get = |i: usize| row.get(i).cloned().flatten();

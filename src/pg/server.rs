@@ -69,7 +69,7 @@ pub struct LocalServer {
 impl LocalServer {
     /// Starts `postgres` on `pgdata`. `work_dir` receives the socket, the
     /// temporary hba file and the log; it must be private to the owner.
-    pub fn start(postgres: &Path, pgdata: &Path, port: u16, work_dir: &Path) -> Result<LocalServer> {
+    pub fn start(postgres: &Path, pgdata: &Path, port: u16, work_dir: &Path, archive_off: bool) -> Result<LocalServer> {
         use std::os::unix::process::CommandExt;
         let (uid, gid, _) = owner_of(pgdata)?;
         let socket_dir = work_dir.join("socket");
@@ -99,20 +99,14 @@ impl LocalServer {
             .arg("logging_collector=off")
             .arg("-c")
             .arg("log_min_messages=log")
+            .args(if archive_off { &["-c", "archive_mode=off"][..] } else { &[][..] })
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
         if running_as_root {
-            // PostgreSQL refuses to run as root: run it as the data directory's owner.
+            // PostgreSQL refuses to run as root: run it as the data directory's
+            // owner (std also drops root's supplementary groups).
             cmd.uid(uid).gid(gid);
-            unsafe {
-                cmd.pre_exec(move || {
-                    if libc::setgroups(0, std::ptr::null()) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
         }
         let child = cmd.spawn().with_context(|| format!("cannot start {}", postgres.display()))?;
         Ok(LocalServer { child, port, socket_dir, log_path, pgdata: pgdata.to_path_buf() })

@@ -33,6 +33,8 @@ pub struct Catalog {
     pub histories: BTreeMap<TimelineId, Vec<HistoryEntry>>,
     /// When the newest segment of each timeline was stored.
     pub last_stored: BTreeMap<TimelineId, (u64, chrono::DateTime<chrono::Utc>)>,
+    /// When each complete segment was stored.
+    pub stored_at: BTreeMap<(TimelineId, u64), chrono::DateTime<chrono::Utc>>,
 }
 
 /// A stretch of recoverable history on one timeline path.
@@ -59,12 +61,14 @@ impl Catalog {
         let mut segments: BTreeMap<TimelineId, BTreeSet<u64>> = BTreeMap::new();
         let mut streaming = BTreeMap::new();
         let mut last_stored: BTreeMap<TimelineId, (u64, chrono::DateTime<chrono::Utc>)> = BTreeMap::new();
+        let mut stored_at = BTreeMap::new();
         for e in &wal {
             let Some(name) = WalSegmentName::parse(&e.file[..e.file.len().min(24)], seg_size) else { continue };
             match (e.kind, e.streaming) {
                 (WalFileKind::Segment, false) => {
                     segments.entry(name.tli).or_default().insert(name.segno);
                     if let Some(m) = e.modified {
+                        stored_at.insert((name.tli, name.segno), m);
                         let slot = last_stored.entry(name.tli).or_insert((name.segno, m));
                         if name.segno >= slot.0 {
                             *slot = (name.segno, m);
@@ -82,7 +86,7 @@ impl Catalog {
         // A streaming copy older than a complete segment of the same number is stale.
         streaming.retain(|tli, (segno, _, _)| segments.get(tli).is_none_or(|s| !s.contains(segno)));
         let histories = archive.histories().await?.into_iter().collect();
-        Ok(Catalog { seg_size, backups, broken, incomplete, wal, segments, streaming, histories, last_stored })
+        Ok(Catalog { seg_size, backups, broken, incomplete, wal, segments, streaming, histories, last_stored, stored_at })
     }
 
     /// Timelines with WAL or backups, ascending.
@@ -94,9 +98,17 @@ impl Catalog {
         t.into_iter().collect()
     }
 
-    /// The newest timeline the repository knows.
+    /// The timeline being written: the one whose WAL reached the repository
+    /// last. (The highest-numbered timeline can be an abandoned branch, e.g. a
+    /// test restore that was promoted and archived into this repository.)
     pub fn latest_timeline(&self) -> Option<TimelineId> {
-        self.timelines().into_iter().max()
+        let newest = self
+            .last_stored
+            .iter()
+            .map(|(t, (_, at))| (*at, *t))
+            .chain(self.streaming.iter().map(|(t, (_, _, at))| (*at, *t)))
+            .max();
+        newest.map(|(_, t)| t).or_else(|| self.timelines().into_iter().max())
     }
 
     /// The ancestry of `tli`: (timeline, LSN where it begins), oldest first,
@@ -169,13 +181,15 @@ impl Catalog {
             if reach < b.end_lsn {
                 continue;
             }
-            let reach_tli = self.timeline_of_segment(&path, reach.0.saturating_sub(1) / self.seg_size);
+            // The window ends when the last WAL it reaches was stored.
+            let last_segno = reach.0.saturating_sub(1) / self.seg_size;
+            let reach_tli = self.timeline_of_segment(&path, last_segno);
             let end_time = self
                 .streaming
                 .get(&reach_tli)
-                .filter(|(s, _, _)| *s == reach.0.saturating_sub(1) / self.seg_size)
+                .filter(|(s, _, _)| *s == last_segno)
                 .map(|(_, _, t)| *t)
-                .or_else(|| self.last_stored.get(&reach_tli).map(|(_, t)| *t));
+                .or_else(|| self.stored_at.get(&(reach_tli, last_segno)).copied());
             out.push(Window {
                 timeline: tli,
                 backup_id: b.backup_id.clone(),
