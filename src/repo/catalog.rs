@@ -102,12 +102,8 @@ impl Catalog {
     /// last. (The highest-numbered timeline can be an abandoned branch, e.g. a
     /// test restore that was promoted and archived into this repository.)
     pub fn latest_timeline(&self) -> Option<TimelineId> {
-        let newest = self
-            .last_stored
-            .iter()
-            .map(|(t, (_, at))| (*at, *t))
-            .chain(self.streaming.iter().map(|(t, (_, _, at))| (*at, *t)))
-            .max();
+        let newest =
+            self.last_stored.iter().map(|(t, (_, at))| (*at, *t)).chain(self.streaming.iter().map(|(t, (_, _, at))| (*at, *t))).max();
         newest.map(|(_, t)| t).or_else(|| self.timelines().into_iter().max())
     }
 

@@ -2,5 +2,6 @@
 //! server, and helpers to drive the built `walvault` binary.
 #![allow(dead_code)]
 
+pub mod env;
 pub mod pg;
 pub mod s3;

@@ -137,6 +137,48 @@ impl PgCluster {
         unreachable!()
     }
 
+    /// Starts a server on an existing data directory (a restored one): a new
+    /// port and socket directory, archiving off (a restored copy must not
+    /// archive into the repository it came from). Stopped on drop; the data
+    /// directory is left where it is.
+    pub fn adopt(data: &Path) -> PgCluster {
+        let bin = pg_bin_dir();
+        let owner = postgres_owner();
+        let dir = tempfile::Builder::new().prefix("walvault-adopt-").tempdir_in("/tmp").expect("create a temp dir under /tmp");
+        let root = dir.path().to_path_buf();
+        chown(&root, owner);
+        let mut cluster = PgCluster {
+            data: data.to_path_buf(),
+            log: root.join("postgres.log"),
+            root,
+            dir: Some(dir),
+            port: 0,
+            version_num: 0,
+            bin,
+            owner,
+            postmaster: None,
+            options: PgOptions::new(),
+        };
+        cluster.version_num = cluster.read_version();
+        for attempt in 1..=5 {
+            cluster.port = free_port();
+            let mut f = OpenOptions::new().append(true).open(data.join("postgresql.auto.conf")).expect("open postgresql.auto.conf");
+            writeln!(
+                f,
+                "port = {}\nunix_socket_directories = {}\narchive_mode = off\nlisten_addresses = ''",
+                cluster.port,
+                quote_literal(&cluster.root.display().to_string())
+            )
+            .unwrap();
+            match cluster.spawn_and_wait() {
+                Ok(()) => return cluster,
+                Err(log) if attempt < 5 && log.contains("could not bind") => {}
+                Err(log) => panic!("the restored cluster did not start; log:\n{log}"),
+            }
+        }
+        unreachable!()
+    }
+
     pub fn port(&self) -> u16 {
         self.port
     }
