@@ -136,7 +136,9 @@ where
         })
         .await
     });
-    let uploaded = upload_stream(store, key, stream, PartSizer::default(), parallel).await;
+    // Parts are buffered (parallel + 1 of 8 MiB): two in flight keeps one
+    // object's memory near 24 MiB and is enough to keep the link busy.
+    let uploaded = upload_stream(store, key, stream, PartSizer::default(), parallel.clamp(1, 2)).await;
     let sealed = seal.await.map_err(|e| crate::Error::failed(format!("sealing task failed: {e}")))?;
     let summary = sealed?;
     uploaded?;

@@ -1,0 +1,230 @@
+#!/usr/bin/env bash
+# Benchmarks walvault against pgBackRest (Debian's package) in one run, on the
+# same pgbench database, repositories on local disk:
+#   backup   full backup: wall time, CPU time, peak RSS, repository size
+#   restore  rebuild the data directory (no replay): wall, CPU, peak RSS
+#   replay   recovery over N WAL segments fetched by restore_command
+#            (walvault archive-get with prefetch vs pgbackrest archive-get, async)
+#   wal      archive-push latency and backlog rate (scripts/bench-wal.sh)
+#   verify   walvault verify MB/s next to `cat` of the same files
+#
+#   scripts/bench.sh [--scale N] [--segments N] [--only LIST] [--keep]
+#
+# Defaults: pgbench scale 100 (about 1.5 GB), 200 WAL segments, everything.
+# Results go to stdout and bench-results/ (as a Markdown table).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+
+SCALE=100
+SEGMENTS=200
+ONLY="backup,restore,replay,wal,verify"
+KEEP=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --scale) SCALE=$2; shift 2 ;;
+    --segments) SEGMENTS=$2; shift 2 ;;
+    --only) ONLY=$2; shift 2 ;;
+    --keep) KEEP=1; shift ;;
+    *) echo "usage: scripts/bench.sh [--scale N] [--segments N] [--only backup,restore,replay,wal,verify] [--keep]" >&2; exit 2 ;;
+  esac
+done
+want() { case ",$ONLY," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
+say() { printf '\n== %s\n' "$*" >&2; }
+
+PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+missing=()
+command -v pgbackrest >/dev/null || missing+=(pgbackrest)
+[ -x /usr/bin/time ] || missing+=(time)
+[ -x "$PGBIN/postgres" ] || missing+=(postgresql-15)
+if [ ${#missing[@]} -gt 0 ]; then
+  say "installing ${missing[*]}"
+  as_root apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+say "building walvault (release)"
+cargo build --release --quiet
+W=/tmp/walvault-bench
+if [ -d $W ]; then
+  for d in $W/pg $W/r-*; do [ -f "$d/postmaster.pid" ] && runuser -u postgres -- "$PGBIN/pg_ctl" -D "$d" stop -m immediate >/dev/null 2>&1 || true; done
+  rm -rf $W
+fi
+mkdir -p $W
+cp target/release/walvault $W/walvault
+chmod 755 $W $W/walvault
+PORT=55432
+PG() { runuser -u postgres -- "$@"; }
+PSQL() { PG "$PGBIN/psql" -X -Atq -h $W -p $PORT -U postgres -d postgres -c "$1"; }
+
+# --- walvault --------------------------------------------------------------
+$W/walvault keygen --out $W/keys > $W/keygen.txt
+REC=$(sed -n 's/^recipients = \["\(.*\)"\]/\1/p' $W/keygen.txt)
+PUB=$(sed -n 's/^public_key = "\(.*\)"/\1/p' $W/keygen.txt)
+cat > $W/walvault.toml <<EOF
+[postgres]
+conninfo = "host=$W port=$PORT user=postgres"
+bin_dir = "$PGBIN"
+[repository]
+url = "file://$W/wv-repo"
+[encryption]
+recipients = ["$REC"]
+identity_file = "$W/keys/restore.key"
+[signing]
+key_file = "$W/keys/agent.key"
+public_key = "$PUB"
+[wal]
+spool_dir = "$W/wv-spool"
+EOF
+chmod 600 $W/walvault.toml
+
+# --- pgBackRest ------------------------------------------------------------
+cat > $W/pgbackrest.conf <<EOF
+[global]
+repo1-path=$W/pgbr-repo
+compress-type=zst
+compress-level=3
+process-max=2
+start-fast=y
+archive-async=y
+spool-path=$W/pgbr-spool
+log-path=$W/pgbr-log
+lock-path=$W/pgbr-lock
+log-level-console=warn
+[bench]
+pg1-path=$W/pg
+pg1-port=$PORT
+pg1-socket-path=$W
+EOF
+mkdir -p $W/pgbr-repo $W/pgbr-spool $W/pgbr-log $W/pgbr-lock $W/wv-spool
+chown -R postgres $W
+BR="pgbackrest --config=$W/pgbackrest.conf --stanza=bench"
+
+say "creating a PostgreSQL 15 cluster with pgbench scale $SCALE"
+PG "$PGBIN/initdb" -k -A trust -U postgres -D $W/pg >/dev/null
+cat >> $W/pg/postgresql.conf <<EOF
+port = $PORT
+unix_socket_directories = '$W'
+listen_addresses = ''
+shared_buffers = 256MB
+max_wal_size = 4GB
+archive_mode = on
+archive_command = '$W/walvault --config $W/walvault.toml archive-push %p && $BR archive-push %p'
+EOF
+PG "$PGBIN/pg_ctl" -D $W/pg -l $W/pg.log -w start >/dev/null
+PG $W/walvault --config $W/walvault.toml init >/dev/null
+PG $BR stanza-create >/dev/null
+PG "$PGBIN/pgbench" -h $W -p $PORT -U postgres -i -s "$SCALE" -q postgres 2>&1 | tail -1 >&2
+PSQL "checkpoint" >/dev/null
+DBSIZE=$(PSQL "select pg_database_size('postgres')")
+
+# `measure NAME CMD...`: wall seconds, CPU seconds (user+sys), peak RSS (KiB) into $W/m-NAME.
+measure() {
+  local name=$1; shift
+  /usr/bin/time -f "%e %U %S %M" -o $W/m-$name "$@" > $W/out-$name 2>&1 || { cat $W/out-$name >&2; return 1; }
+  read -r wall user sys rss < $W/m-$name
+  printf '%s %s %s\n' "$wall" "$(echo "$user + $sys" | bc)" "$rss" > $W/m-$name
+}
+col() { cut -d' ' -f"$2" $W/m-$1; }
+ratio() { echo "scale=2; $1 / $2" | bc; }
+mib() { echo "scale=1; $1 / 1048576" | bc; }
+RESULTS=()
+row() { RESULTS+=("$*"); }
+
+if want backup; then
+  say "backup: walvault"
+  measure wv-backup runuser -u postgres -- $W/walvault --config $W/walvault.toml backup
+  say "backup: pgBackRest (zstd 3, process-max 2)"
+  measure br-backup runuser -u postgres -- $BR --type=full backup
+  WV_SIZE=$(du -sb $W/wv-repo/packs $W/wv-repo/backups | awk '{s+=$1} END {print s}')
+  BR_SIZE=$(du -sb $W/pgbr-repo/backup | awk '{print $1}')
+  row "backup wall s | $(col wv-backup 1) | $(col br-backup 1) | $(ratio "$(col br-backup 1)" "$(col wv-backup 1)")x faster"
+  row "backup CPU s | $(col wv-backup 2) | $(col br-backup 2) | $(ratio "$(col br-backup 2)" "$(col wv-backup 2)")x less"
+  row "backup peak RSS MiB | $(echo "scale=1; $(col wv-backup 3)/1024" | bc) | $(echo "scale=1; $(col br-backup 3)/1024" | bc) | "
+  row "repository size MiB | $(mib "$WV_SIZE") | $(mib "$BR_SIZE") | $(ratio "$BR_SIZE" "$WV_SIZE")x smaller"
+fi
+
+if want restore; then
+  for tool in wv br; do mkdir -p $W/r-$tool; chown postgres $W/r-$tool; done
+  say "restore: walvault"
+  measure wv-restore runuser -u postgres -- $W/walvault --config $W/walvault.toml restore --pgdata $W/r-wv/data --target-immediate
+  say "restore: pgBackRest (process-max 2)"
+  measure br-restore runuser -u postgres -- $BR --pg1-path=$W/r-br/data --type=immediate restore
+  row "restore wall s | $(col wv-restore 1) | $(col br-restore 1) | $(ratio "$(col br-restore 1)" "$(col wv-restore 1)")x faster"
+  row "restore CPU s | $(col wv-restore 2) | $(col br-restore 2) | $(ratio "$(col br-restore 2)" "$(col wv-restore 2)")x less"
+  row "restore peak RSS MiB | $(echo "scale=1; $(col wv-restore 3)/1024" | bc) | $(echo "scale=1; $(col br-restore 3)/1024" | bc) | "
+  rm -rf $W/r-wv $W/r-br
+fi
+
+if want replay; then
+  say "replay: writing $SEGMENTS WAL segments after a fresh backup of each tool"
+  PG $W/walvault --config $W/walvault.toml backup > /dev/null
+  PG $BR --type=full backup > /dev/null
+  START=$(PSQL "select pg_walfile_name(pg_current_wal_lsn())")
+  PSQL "create table if not exists wal_filler(id bigint, pad text)" >/dev/null
+  while :; do
+    NOW=$(PSQL "select pg_walfile_name(pg_current_wal_lsn())")
+    n=$(( 16#${NOW:16:8} - 16#${START:16:8} + 256 * (16#${NOW:8:8} - 16#${START:8:8}) ))
+    [ "$n" -ge "$SEGMENTS" ] && break
+    PG "$PGBIN/pgbench" -h $W -p $PORT -U postgres -n -c 2 -T 5 postgres >/dev/null 2>&1 &
+    PSQL "insert into wal_filler select g, md5(g::text) || repeat('x', 400) from generate_series(1, 60000) g" >/dev/null
+    wait
+  done
+  PSQL "select pg_switch_wal()" >/dev/null
+  LAST=$(PSQL "select pg_walfile_name(pg_current_wal_lsn() - 1)")
+  # Wait for both archives to hold the last segment.
+  for _ in $(seq 1 600); do
+    [ "$(PSQL "select last_archived_wal >= '$LAST' from pg_stat_archiver")" = t ] && break; sleep 0.5
+  done
+  sleep 2
+  replay() { # tool dir: start the restored cluster and wait until it has promoted
+    local dir=$1 port=$2
+    cat >> $dir/postgresql.auto.conf <<EOF
+port = $port
+unix_socket_directories = '$W'
+archive_mode = off
+EOF
+    chown postgres $dir/postgresql.auto.conf
+    PG "$PGBIN/pg_ctl" -D $dir -l $dir.log -w -t 3600 start >/dev/null
+    until [ "$(PG "$PGBIN/psql" -X -Atq -h $W -p $port -U postgres -d postgres -c 'select pg_is_in_recovery()' 2>/dev/null)" = f ]; do sleep 0.2; done
+    PG "$PGBIN/pg_ctl" -D $dir -m fast -w stop >/dev/null
+  }
+  for tool in wv br; do mkdir -p $W/rp-$tool; chown postgres $W/rp-$tool; done
+  PG $W/walvault --config $W/walvault.toml restore --pgdata $W/rp-wv/data >/dev/null
+  PG $BR --pg1-path=$W/rp-br/data restore >/dev/null
+  export -f replay; export W PGBIN
+  say "replay: walvault archive-get (prefetch)"
+  measure wv-replay bash -c "replay $W/rp-wv/data 55433"
+  say "replay: pgbackrest archive-get (async)"
+  measure br-replay bash -c "replay $W/rp-br/data 55434"
+  SEGS=$(grep -c 'restored log file' $W/rp-wv/data.log || true)
+  row "replay of $SEGS segments s | $(col wv-replay 1) | $(col br-replay 1) | $(ratio "$(col br-replay 1)" "$(col wv-replay 1)")x faster"
+fi
+
+if want verify; then
+  say "verify: walvault verify vs cat of the repository files"
+  sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
+  measure wv-verify runuser -u postgres -- $W/walvault --config $W/walvault.toml verify
+  sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
+  measure cat-repo bash -c "find $W/wv-repo -type f -print0 | xargs -0 cat > /dev/null"
+  BYTES=$(du -sb $W/wv-repo | awk '{print $1}')
+  row "verify MB/s (walvault / cat) | $(echo "scale=0; $BYTES / 1000000 / $(col wv-verify 1)" | bc) | $(echo "scale=0; $BYTES / 1000000 / $(col cat-repo 1)" | bc) | "
+fi
+
+if want wal && [ -x scripts/bench-wal.sh ]; then
+  say "WAL: archive-push (scripts/bench-wal.sh)"
+  scripts/bench-wal.sh || echo "bench-wal.sh failed" >&2
+fi
+
+PG "$PGBIN/pg_ctl" -D $W/pg -m fast -w stop >/dev/null || true
+mkdir -p bench-results
+OUT="bench-results/bench-$(date -u +%Y%m%dT%H%M%SZ).md"
+{
+  echo "# walvault vs pgBackRest $(pgbackrest version | awk '{print $2}'), PostgreSQL 15, pgbench scale $SCALE ($(mib "$DBSIZE") MiB), $(nproc) cores"
+  echo
+  echo "| measure | walvault | pgBackRest | ratio |"
+  echo "|---|---|---|---|"
+  for r in "${RESULTS[@]}"; do echo "| $r |"; done
+} | tee "$OUT"
+[ "$KEEP" = 1 ] || rm -rf $W
