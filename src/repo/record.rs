@@ -137,10 +137,11 @@ mod tests {
     #[test]
     fn round_trip_and_tamper() {
         let k = SigningKey::generate();
-        let obj = encode(&k, &record(), b"hello");
+        let rec = record();
+        let obj = encode(&k, &rec, b"hello");
         let (h, payload) = decode(&obj, &k.public(), "x").unwrap();
         assert_eq!(payload, b"hello");
-        assert_eq!(h.record, record());
+        assert_eq!(h.record, rec);
         let mut bad = obj.clone();
         *bad.last_mut().unwrap() ^= 1;
         assert!(decode(&bad, &k.public(), "x").unwrap_err().to_string().contains("the signed record says"));

@@ -110,13 +110,14 @@ fn create_new(path: &Path) -> std::io::Result<std::fs::File> {
 /// first. A concurrent `delete_many` may prune `dir`, while still empty, between
 /// the two steps: then both are tried again.
 fn create_temp(root: &Path, dir: &Path) -> std::io::Result<(std::fs::File, PathBuf)> {
+    // A concurrent delete_many may prune a directory (or a parent) at any step
+    // between our mkdir and the create: start over when that happens.
     let mut attempt = 0;
     loop {
-        create_dirs(root, dir)?;
         let tmp = temp_name(dir);
-        match create_new(&tmp) {
+        match create_dirs(root, dir).and_then(|()| create_new(&tmp)) {
             Ok(f) => return Ok((f, tmp)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && attempt < 3 => attempt += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && attempt < 20 => attempt += 1,
             Err(e) => return Err(e),
         }
     }
