@@ -15,23 +15,23 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 )]
 pub struct Cli {
     /// Configuration file (TOML).
-    #[arg(long, global = true, value_name = "FILE")]
+    #[arg(long, global = true, value_name = "FILE", display_order = 900)]
     pub config: Option<PathBuf>,
 
     /// Log format on stderr.
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "WALVAULT_LOG_FORMAT")]
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "WALVAULT_LOG_FORMAT", display_order = 900)]
     pub log_format: LogFormat,
 
     /// More detail in logs (-v debug, -vv trace).
-    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    #[arg(short, long, global = true, action = clap::ArgAction::Count, display_order = 900)]
     pub verbose: u8,
 
     /// Only warnings and errors.
-    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    #[arg(short, long, global = true, conflicts_with = "verbose", display_order = 900)]
     pub quiet: bool,
 
     /// Override a configuration key (repeatable), e.g. --set compression.level=5. Secrets are refused.
-    #[arg(long = "set", global = true, value_name = "SECTION.KEY=VALUE")]
+    #[arg(long = "set", global = true, value_name = "SECTION.KEY=VALUE", display_order = 900)]
     pub set: Vec<String>,
 
     #[command(subcommand)]
@@ -163,7 +163,8 @@ pub struct RestoreArgs {
     /// Stop as soon as the backup is consistent.
     #[arg(long, group = "target")]
     pub target_immediate: bool,
-    /// Timeline to recover along: a number, `latest` (default) or `current`.
+    /// Timeline to recover along: a number, `current` (the backup's), or `latest`
+    /// (default: the timeline whose WAL reached the repository last).
     #[arg(long, value_name = "TLI")]
     pub target_timeline: Option<String>,
     /// Stop just before the target instead of just after it.
