@@ -44,9 +44,15 @@ pub async fn run(ctx: &Ctx, args: &ArchiveGetArgs) -> Result<i32> {
 
 /// The spool of prefetched segments for the data directory we run in.
 pub fn prefetch_spool(ctx: &Ctx) -> PathBuf {
-    let cwd = std::env::current_dir().unwrap_or_default();
-    let tag = blake3::hash(cwd.as_os_str().as_encoded_bytes()).to_hex();
-    ctx.config.spool_dir().join(format!("prefetch-{}", &tag[..16]))
+    // PostgreSQL runs restore_command in the data directory.
+    prefetch_spool_in(&ctx.config.spool_dir(), &std::env::current_dir().unwrap_or_default())
+}
+
+/// The prefetch spool of the data directory `data_dir` under the spool `base`.
+pub fn prefetch_spool_in(base: &Path, data_dir: &Path) -> PathBuf {
+    let dir = data_dir.canonicalize().unwrap_or_else(|_| data_dir.to_path_buf());
+    let tag = blake3::hash(dir.as_os_str().as_encoded_bytes()).to_hex();
+    base.join(format!("prefetch-{}", &tag[..16]))
 }
 
 async fn fetch(ctx: &Ctx, args: &ArchiveGetArgs) -> Result<bool> {
@@ -130,6 +136,18 @@ fn want(ctx: &Ctx, spool: &Path, name: &str) {
     if let Err(e) = spawn_worker(ctx, spool) {
         tracing::warn!(error = %e, "cannot start the prefetch worker; segments will be fetched one at a time");
     }
+}
+
+/// Stops the prefetch worker of a spool (after a replay) and removes the spool.
+pub fn stop_worker_and_clean(spool: &Path) {
+    if let Ok(pid) = std::fs::read_to_string(spool.join(PID_FILE)) {
+        if let Ok(pid) = pid.trim().parse::<i32>() {
+            if pid > 0 {
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(spool);
 }
 
 fn worker_alive(spool: &Path) -> bool {

@@ -118,7 +118,7 @@ pub async fn run(ctx: &Ctx, args: &RestoreArgs) -> Result<i32> {
     };
     let outcome = replay(ctx, &postgres, &pgdata, &target, args).await;
     if !args.keep_running {
-        let _ = std::fs::remove_dir_all(prefetch_spool_for(ctx, &pgdata, owner.map(|o| o.0)));
+        super::archive_get::stop_worker_and_clean(&prefetch_spool_for(ctx, &pgdata, owner.map(|o| o.0)));
     }
     outcome
 }
@@ -440,14 +440,15 @@ fn after_window(w: &Window, what: &str) -> Error {
     }
 }
 
+/// The spool archive-get uses for this data directory: it runs as the data
+/// directory's owner, whose default spool differs from ours when we are root.
 fn prefetch_spool_for(ctx: &Ctx, pgdata: &Path, owner_uid: Option<u32>) -> PathBuf {
     let base = if ctx.config.wal.spool_dir.is_empty() {
         std::env::temp_dir().join(format!("walvault-{}", owner_uid.unwrap_or_else(|| unsafe { libc::geteuid() })))
     } else {
         PathBuf::from(&ctx.config.wal.spool_dir)
     };
-    let tag = blake3::hash(pgdata.as_os_str().as_encoded_bytes()).to_hex();
-    base.join(format!("prefetch-{}", &tag[..16]))
+    super::archive_get::prefetch_spool_in(&base, pgdata)
 }
 
 /// What replay reached.

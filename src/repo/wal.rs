@@ -107,7 +107,8 @@ impl WalArchive {
             Err(e) => return Err(e.into()),
         };
         let header = record::decode_header(&head, &self.desc.trusted_key, &key)?;
-        if header.record.file != file {
+        // A streaming copy's record names the segment it is a copy of.
+        if header.record.file != file.strip_suffix(STREAMING_SUFFIX).unwrap_or(file) {
             return Err(RepoError::Integrity {
                 object: key,
                 message: format!("the signed record is for '{}', not '{file}' (objects were swapped)", header.record.file),
@@ -238,7 +239,7 @@ impl WalArchive {
             Err(e) => return Err(e.into()),
         };
         let (header, payload) = split_header(stream, &self.desc, &key).await?;
-        if header.record.file != file {
+        if header.record.file != file.strip_suffix(STREAMING_SUFFIX).unwrap_or(file) {
             return Err(RepoError::Integrity {
                 object: key,
                 message: format!("the signed record is for '{}', not '{file}' (objects were swapped)", header.record.file),
