@@ -78,6 +78,9 @@ fi
 say "tests (PostgreSQL 15)"
 "${runner[@]}"
 
+say "the demo (scripts/demo.sh)"
+WALVAULT_DEMO_PROFILE=debug scripts/demo.sh --seconds 20
+
 if [ "$versions" = "all" ]; then
   for v in 13 14 16 17 18; do
     say "end-to-end tests (PostgreSQL $v)"
