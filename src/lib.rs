@@ -10,6 +10,7 @@ pub mod error;
 pub mod logging;
 pub mod pg;
 pub mod pipeline;
+pub mod progress;
 pub mod repo;
 pub mod storage;
 pub mod util;

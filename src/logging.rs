@@ -3,12 +3,21 @@
 //! (`debug`, `walvault=trace,aws_smithy_runtime=warn`) and overrides -v/-q.
 
 use std::io::IsTerminal;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tracing_subscriber::EnvFilter;
 
 use crate::cli::LogFormat;
 
+static JSON: AtomicBool = AtomicBool::new(false);
+
+/// Whether logs are JSON lines (then no progress bars either).
+pub fn json_logs() -> bool {
+    JSON.load(Ordering::Relaxed)
+}
+
 pub fn init(format: LogFormat, verbose: u8, quiet: bool) {
+    JSON.store(format == LogFormat::Json, Ordering::Relaxed);
     let level = match (quiet, verbose) {
         (true, _) => "warn",
         (false, 0) => "info",
