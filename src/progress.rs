@@ -23,7 +23,8 @@ pub struct Progress {
 impl Progress {
     /// `total` may be unknown (0) and set later.
     pub fn new(label: &str, total: u64) -> Progress {
-        let interactive = std::io::stderr().is_terminal() && !crate::logging::json_logs() && std::env::var_os("WALVAULT_NO_PROGRESS").is_none();
+        let interactive =
+            std::io::stderr().is_terminal() && !crate::logging::json_logs() && std::env::var_os("WALVAULT_NO_PROGRESS").is_none();
         let bar = interactive.then(|| {
             let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr_with_hz(4));
             let color = crate::logging::use_color();

@@ -511,12 +511,17 @@ async fn replay(ctx: &Ctx, postgres: &Path, pgdata: &Path, target: &RecoveryTarg
             tracing::debug!(error = %e, "not connected to the restored server yet");
         }
         if let Ok(mut conn) = attempt {
+            // pg_get_wal_replay_pause_state() exists from PostgreSQL 14 on; before,
+            // pg_is_wal_replay_paused() says the same.
+            let pause = if conn.server_version_num() >= 140000 {
+                "CASE WHEN pg_is_in_recovery() THEN pg_get_wal_replay_pause_state()::text ELSE 'not paused' END"
+            } else {
+                "CASE WHEN pg_is_in_recovery() AND pg_is_wal_replay_paused() THEN 'paused' ELSE 'not paused' END"
+            };
             let q = conn
-                .simple_query(
-                    "SELECT pg_is_in_recovery()::text, pg_last_wal_replay_lsn()::text, pg_last_xact_replay_timestamp()::text, \
-                     CASE WHEN pg_is_in_recovery() AND current_setting('server_version_num')::int >= 140000 \
-                     THEN pg_get_wal_replay_pause_state()::text ELSE 'not paused' END",
-                )
+                .simple_query(&format!(
+                    "SELECT pg_is_in_recovery()::text, pg_last_wal_replay_lsn()::text, pg_last_xact_replay_timestamp()::text, {pause}"
+                ))
                 .await;
             if let Err(e) = &q {
                 tracing::debug!(error = %e, "replay status query failed");

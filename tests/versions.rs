@@ -1,0 +1,104 @@
+//! The end-to-end path on whichever PostgreSQL `WALVAULT_TEST_PG_BIN` points
+//! at (scripts/test.sh runs it for several versions): WAL streaming, a base
+//! backup, a restore to a time with exactly the right rows, and a clean verify;
+//! and a restore with binaries of another major version is refused.
+
+mod common;
+
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use common::env::Env;
+use common::pg::{PgCluster, PgOptions};
+
+struct Streamer(Child);
+
+impl Drop for Streamer {
+    fn drop(&mut self) {
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let _ = self.0.wait();
+    }
+}
+
+/// Waits until the repository's recoverable window reaches the server's current position.
+fn wait_until_stored(pg: &PgCluster, env: &Env) {
+    let lsn: walvault::pg::Lsn = pg.psql("select pg_current_wal_lsn()").parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let info = env.info_json();
+        let end = info["recoverable_window"]["end_lsn"].as_str().and_then(|s| s.parse::<walvault::pg::Lsn>().ok());
+        if end.is_some_and(|e| e >= lsn) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "WAL up to {lsn} never reached the repository: {info:#}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+#[test]
+fn stream_backup_restore_verify() {
+    let pg = PgCluster::start(PgOptions::new().guc("track_commit_timestamp", "on"));
+    let major = pg.major();
+    let env = Env::builder(&pg).set("wal.partial_interval", "\"1s\"").set("wal.status_interval", "\"1s\"").build();
+    env.run_ok(&["init"]);
+    let _stream = Streamer(env.cmd(&["stream"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
+
+    pg.psql("create table marks(id int primary key, note text)");
+    pg.psql("insert into marks select g, 'before the backup' from generate_series(1, 50) g");
+    let backup = env.run_ok(&["backup", "--label", &format!("pg{major}")]);
+    assert!(!backup.trim().is_empty());
+    for i in 51..=90 {
+        pg.psql(&format!("insert into marks values ({i}, 'after')"));
+    }
+    let target = pg.psql("select pg_xact_commit_timestamp(xmin)::text from marks where id = 70");
+    wait_until_stored(&pg, &env);
+
+    let info = env.info_json();
+    assert_eq!(info["backups"].as_array().unwrap().len(), 1, "{info:#}");
+    assert_eq!(info["repository"]["pg_version_num"].as_u64().unwrap() / 10000, major as u64, "the repository records the version");
+
+    let dest = env.new_dir("restore").join("data");
+    env.run_ok(&["restore", "--pgdata", dest.to_str().unwrap(), "--target-time", &target, "--replay"]);
+    let restored = PgCluster::adopt(&dest);
+    assert_eq!(restored.psql("select count(*), max(id) from marks"), "70|70", "PostgreSQL {major}: rows at {target}");
+    drop(restored);
+
+    let out = env.run(&["verify", "--json"]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", common::env::stderr(&out)));
+    assert!(out.status.success(), "verify on PostgreSQL {major}: {report:#}");
+    assert_eq!(report["ok"], true);
+}
+
+#[test]
+fn restore_with_another_major_version_is_refused() {
+    let pg = PgCluster::start(PgOptions::new());
+    let major = pg.major();
+    let mut env = Env::new(&pg);
+    env.run_ok(&["init"]);
+    pg.psql("select pg_switch_wal()");
+    // WAL for the backup comes from a one-off stream until the backup's end.
+    let _stream = Streamer(env.cmd(&["stream"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
+    env.run_ok(&["backup"]);
+    // Binaries of another major version: the system's 15, or 18 when testing 15.
+    let other = if major == 15 { std::env::var("WALVAULT_TEST_OTHER_PG_BIN").ok() } else { Some("/usr/lib/postgresql/15/bin".into()) };
+    let Some(other) = other.filter(|d| std::path::Path::new(d).join("postgres").exists()) else {
+        // A fake `postgres` that reports another version is enough to prove the check.
+        let dir = env.new_dir("fake-bin");
+        let fake = dir.join("postgres");
+        std::fs::write(&fake, format!("#!/bin/sh\necho 'postgres (PostgreSQL) {}.1'\n", if major == 16 { 17 } else { 16 })).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+        return check_refused(&mut env, dir.to_str().unwrap(), major);
+    };
+    check_refused(&mut env, &other, major);
+}
+
+fn check_refused(env: &mut Env, bin_dir: &str, major: u32) {
+    env.set("postgres.bin_dir", &format!("\"{bin_dir}\""));
+    let dest = env.new_dir("wrong").join("data");
+    let (code, err) = env.run_err(&["restore", "--pgdata", dest.to_str().unwrap(), "--target-immediate", "--replay"]);
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains(&format!("the backup is PostgreSQL {major}")), "{err}");
+    assert!(err.contains("hint: set postgres.bin_dir"), "{err}");
+    assert!(!dest.exists() || std::fs::read_dir(&dest).unwrap().next().is_none(), "nothing was written");
+}
