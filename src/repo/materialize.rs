@@ -315,26 +315,29 @@ async fn write_file(shared: &Arc<Shared>, path: &Path, entry: &FileEntry) -> Res
         let group = group.with_context(|| format!("restoring {}", entry.path))?;
         let file = file.clone();
         let start = offset;
-        let (next, cvs) = cpu_pool()
-            .run(move || -> std::io::Result<(u64, Vec<[u8; 32]>)> {
-                let mut off = start;
-                let mut cvs = Vec::with_capacity(group.chunks.len());
-                for data in &group.chunks {
-                    if let Some(f) = file.as_ref() {
-                        f.write_all_at(data, off)?;
-                    }
-                    cvs.push(if whole {
-                        *blake3::hash(data).as_bytes()
-                    } else {
-                        use blake3::hazmat::HasherExt;
-                        blake3::Hasher::new().set_input_offset(off).update(data).finalize_non_root()
-                    });
-                    off += data.len() as u64;
+        // Not on the CPU pool: the decode futures buffered above may hold its
+        // permits while this task waits, and waiting for a permit here would
+        // deadlock once every permit is held by a future nobody polls.
+        let (next, cvs) = tokio::task::spawn_blocking(move || -> std::io::Result<(u64, Vec<[u8; 32]>)> {
+            let mut off = start;
+            let mut cvs = Vec::with_capacity(group.chunks.len());
+            for data in &group.chunks {
+                if let Some(f) = file.as_ref() {
+                    f.write_all_at(data, off)?;
                 }
-                Ok((off, cvs))
-            })
-            .await
-            .with_context(|| format!("cannot write {}", path.display()))?;
+                cvs.push(if whole {
+                    *blake3::hash(data).as_bytes()
+                } else {
+                    use blake3::hazmat::HasherExt;
+                    blake3::Hasher::new().set_input_offset(off).update(data).finalize_non_root()
+                });
+                off += data.len() as u64;
+            }
+            Ok((off, cvs))
+        })
+        .await
+        .map_err(|e| Error::failed(format!("writing {} stopped: {e}", path.display())))?
+        .with_context(|| format!("cannot write {}", path.display()))?;
         for cv in cvs {
             hasher.push(cv, whole);
         }
