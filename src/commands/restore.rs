@@ -36,6 +36,9 @@ pub async fn run(ctx: &Ctx, args: &RestoreArgs) -> Result<i32> {
     }
     let opener = ctx.opener()?;
     let catalog = Catalog::load(&store, &desc, ctx.config.repository.parallel).await?;
+    for (id, why) in &catalog.broken {
+        eprintln!("warning: backup {id} is ignored: {why}");
+    }
     let plan = choose(&catalog, &target, &timeline, args.backup.as_deref())?;
     let backup = plan.backup.clone();
 
@@ -288,6 +291,13 @@ fn refuse(message: String, hint: impl Into<String>) -> Error {
 /// before the target, on the target timeline's history, with unbroken WAL up to
 /// the target. Every refusal names the window or the missing segment.
 pub fn choose(catalog: &Catalog, target: &RecoveryTarget, timeline: &TargetTimeline, forced: Option<&str>) -> Result<Plan> {
+    if let Some((id, why)) = forced.and_then(|id| catalog.broken.iter().find(|(b, _)| b == id)) {
+        return Err(Error::coded(
+            exit::INTEGRITY,
+            format!("backup {id} cannot be restored: {why}"),
+            Some("run `walvault verify` to list every damaged object; restore from another backup".into()),
+        ));
+    }
     if catalog.backups.is_empty() {
         return Err(refuse("the repository has no backup".into(), "take one with `walvault backup`"));
     }
