@@ -219,6 +219,10 @@ pub struct VerifyArgs {
     /// Check only backups and WAL from this time on.
     #[arg(long, value_name = "TIME")]
     pub since: Option<String>,
+    /// An earlier `verify --json` report: fail when something it listed is gone
+    /// (WAL cut short, a backup removed out of order, an older descriptor, another key).
+    #[arg(long, value_name = "FILE")]
+    pub previous_report: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
