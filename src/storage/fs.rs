@@ -235,20 +235,13 @@ impl ObjectStore for FileStore {
             let want = remaining.min(1 << 20) as usize;
             let k = key.clone();
             let res = tokio::task::spawn_blocking(move || {
-                let mut buf = vec![0u8; want];
-                let mut filled = 0;
-                while filled < want {
-                    match file.read(&mut buf[filled..]) {
-                        Ok(0) => break,
-                        Ok(n) => filled += n,
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                        Err(e) => return Err(StorageError::from_io(&k, &e)),
-                    }
-                }
+                // Read into spare capacity: zeroing a fresh buffer first cost
+                // about a tenth of verify's time.
+                let mut buf = Vec::with_capacity(want);
+                let filled = (&mut file).take(want as u64).read_to_end(&mut buf).map_err(|e| StorageError::from_io(&k, &e))?;
                 if filled < want {
                     return Err(StorageError::new(StorageErrorKind::Transient, &k, "object shrank while being read"));
                 }
-                buf.truncate(filled);
                 Ok((file, Bytes::from(buf)))
             })
             .await;
