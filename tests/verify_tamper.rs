@@ -36,6 +36,10 @@ struct Fixture {
     public_key: PublicKey,
     recipients: Vec<String>,
     system_identifier: String,
+    /// (key, object): a genuine streaming copy of a segment between the backups,
+    /// as the streamer stores it while the segment is being written (signed by
+    /// the agent, 64 KiB of it), to put in the complete segment's place.
+    old_streaming_copy: (String, Vec<u8>),
 }
 
 const FIXTURE_PREFIX: &str = "fixture";
@@ -112,7 +116,7 @@ fn build_fixture() -> Fixture {
 
     let public_key = PublicKey::parse(&env.public_key).unwrap();
     let repo = env.repo_dir.clone().unwrap();
-    let backups = [first, second_backup]
+    let backups: Vec<BackupManifest> = [first, second_backup]
         .iter()
         .map(|id| {
             let raw = std::fs::read(repo.join(format!("backups/{id}/manifest.json"))).unwrap();
@@ -135,10 +139,41 @@ fn build_fixture() -> Fixture {
     for key in FileRepo(repo.clone()).keys() {
         s3x.put(&bucket, &format!("{FIXTURE_PREFIX}/{key}"), &std::fs::read(repo.join(&key)).unwrap());
     }
+    let old_streaming_copy = streaming_copy(&env, &backups, &recipients, &system_identifier);
     CLEANUP.set(vec![env.dir.clone(), s3env.dir.clone()]).ok();
     // SAFETY: registers a plain function, run once at process exit.
     unsafe { libc::atexit(cleanup) };
-    Fixture { env, s3env, bucket, gen1_descriptor, backups, public_key, recipients, system_identifier }
+    Fixture { env, s3env, bucket, gen1_descriptor, backups, public_key, recipients, system_identifier, old_streaming_copy }
+}
+
+/// What the streamer stored for a segment while it was being written: its first
+/// 64 KiB, framed with a record that says so, signed by the agent.
+fn streaming_copy(env: &Env, backups: &[BackupManifest], recipients: &[String], system_identifier: &str) -> (String, Vec<u8>) {
+    let key = middle_segment(backups, &FileRepo(env.repo_dir.clone().unwrap()));
+    let name = key.rsplit('/').next().unwrap();
+    let dest = env.new_dir("streaming").join(name);
+    env.run_ok(&["--set", "wal.prefetch=0", "archive-get", name, dest.to_str().unwrap()]);
+    let plain = std::fs::read(&dest).unwrap()[..64 << 10].to_vec();
+    let sealer =
+        walvault::pipeline::Sealer::new(recipients.iter().map(|r| walvault::pipeline::seal::parse_recipient(r).unwrap()).collect(), 3)
+            .unwrap();
+    let (payload, summary) = sealer.seal_bytes(&plain).unwrap();
+    let rec = WalRecord {
+        file: name.to_string(),
+        system_identifier: system_identifier.to_string(),
+        plain_len: summary.plain_len,
+        plain_blake3: summary.plain_hash.to_hex().to_string(),
+        stored_len: summary.stored_len,
+        stored_blake3: summary.stored_hash.to_hex().to_string(),
+        prev: None,
+        valid_bytes: Some(plain.len() as u64),
+        history: None,
+        source: "stream".into(),
+        created_at: chrono::Utc::now(),
+        descriptor_generation: 2,
+    };
+    let agent = SigningKey::load(&env.keys.join("agent.key")).unwrap();
+    (key, record::encode(&agent, &rec, &payload))
 }
 
 /// A raw S3 client for tampering, with its own runtime.
@@ -344,8 +379,8 @@ fn pack_key(id: &str) -> String {
 }
 
 /// A segment between the two backups: backup 1 needs it to replay further, backup 2 does not.
-fn middle_segment(fx: &Fixture, repo: &dyn Repo) -> String {
-    let (after, before) = (&fx.backups[0].wal_last, &fx.backups[1].wal_first);
+fn middle_segment(backups: &[BackupManifest], repo: &dyn Repo) -> String {
+    let (after, before) = (&backups[0].wal_last, &backups[1].wal_first);
     let between: Vec<String> = wal_segments(repo)
         .into_iter()
         .filter(|k| {
@@ -398,10 +433,12 @@ fn forged_wal(fx: &Fixture, name: &str) -> (WalRecord, Vec<u8>) {
 }
 
 type Expected = Vec<(&'static str, String)>;
+/// A case: its name, and what damages a copy and returns the problems expected.
+type Case = (&'static str, fn(&Fixture, &dyn Repo) -> Expected);
 
 /// The tamper cases: each damages a fresh copy and returns the problems verify
 /// must report, exactly.
-fn cases() -> Vec<(&'static str, fn(&Fixture, &dyn Repo) -> Expected)> {
+fn cases() -> Vec<Case> {
     vec![
         ("flip a byte in a pack", |fx, repo| {
             let key = pack_key(&fx.backups[0].packs[0].id);
@@ -409,12 +446,12 @@ fn cases() -> Vec<(&'static str, fn(&Fixture, &dyn Repo) -> Expected)> {
             vec![("checksum_mismatch", key)]
         }),
         ("flip a byte in a WAL object's payload", |fx, repo| {
-            let key = middle_segment(fx, repo);
+            let key = middle_segment(&fx.backups, repo);
             flip(repo, &key, -10);
             vec![("checksum_mismatch", key)]
         }),
         ("flip a byte in a WAL object's signed record", |fx, repo| {
-            let key = middle_segment(fx, repo);
+            let key = middle_segment(&fx.backups, repo);
             flip(repo, &key, 30);
             vec![("bad_signature", key)]
         }),
@@ -435,7 +472,7 @@ fn cases() -> Vec<(&'static str, fn(&Fixture, &dyn Repo) -> Expected)> {
             vec![("bad_signature", key)]
         }),
         ("delete a WAL segment in the middle", |fx, repo| {
-            let key = middle_segment(fx, repo);
+            let key = middle_segment(&fx.backups, repo);
             repo.delete(&key);
             vec![("wal_gap", key)]
         }),
@@ -449,13 +486,13 @@ fn cases() -> Vec<(&'static str, fn(&Fixture, &dyn Repo) -> Expected)> {
             vec![("missing", "walvault.json".into())]
         }),
         ("replace a WAL object by one sealed to the recipients and signed with the attacker's key", |fx, repo| {
-            let key = middle_segment(fx, repo);
+            let key = middle_segment(&fx.backups, repo);
             let (rec, payload) = forged_wal(fx, key.rsplit('/').next().unwrap());
             repo.write(&key, &record::encode(&SigningKey::generate(), &rec, &payload));
             vec![("untrusted_signer", key)]
         }),
         ("replace a WAL object's record and payload, keeping the agent's signature line", |fx, repo| {
-            let key = middle_segment(fx, repo);
+            let key = middle_segment(&fx.backups, repo);
             let original = repo.read(&key);
             let (doc, _) = split_wal(&original);
             let trailer_at = doc.windows(20).rposition(|w| w == b"\nwalvault-signature ").unwrap();
@@ -466,20 +503,25 @@ fn cases() -> Vec<(&'static str, fn(&Fixture, &dyn Repo) -> Expected)> {
             vec![("bad_signature", key)]
         }),
         ("replace a WAL object by an unsigned one", |fx, repo| {
-            let key = middle_segment(fx, repo);
+            let key = middle_segment(&fx.backups, repo);
             let (rec, payload) = forged_wal(fx, key.rsplit('/').next().unwrap());
             repo.write(&key, &frame(&serde_json::to_vec(&rec).unwrap(), &payload));
             vec![("corrupt", key)]
         }),
+        ("replace a segment by an old streaming copy of itself (genuine, signed by the agent)", |fx, repo| {
+            let (key, object) = &fx.old_streaming_copy;
+            repo.write(key, object);
+            vec![("wrong_object", key.clone())]
+        }),
         ("re-use another segment's signed object", |fx, repo| {
-            let key = middle_segment(fx, repo);
+            let key = middle_segment(&fx.backups, repo);
             let segs = wal_segments(repo);
             let other = &segs[segs.iter().position(|k| k == &key).unwrap() + 1];
             repo.write(&key, &repo.read(other));
             vec![("wrong_object", key)]
         }),
         ("swap two segments' objects", |fx, repo| {
-            let a = middle_segment(fx, repo);
+            let a = middle_segment(&fx.backups, repo);
             let segs = wal_segments(repo);
             let b = segs[segs.iter().position(|k| k == &a).unwrap() + 1].clone();
             let (da, db) = (repo.read(&a), repo.read(&b));
@@ -527,10 +569,10 @@ fn resign_everything(repo: &dyn Repo, key: &SigningKey) {
 }
 
 /// Runs every case on fresh copies; returns the failures, one line each.
-fn run_cases<'a>(env: &Env, fx: &Fixture, copy: &'a dyn Fn() -> Box<dyn Repo + 'a>, backend: &str) -> Vec<String> {
+fn run_cases<R: Repo>(env: &Env, fx: &Fixture, copy: impl Fn() -> R, backend: &str) -> Vec<String> {
     let mut failures = Vec::new();
     let untouched = copy();
-    let (code, report) = verify_json(env, untouched.as_ref(), &[]);
+    let (code, report) = verify_json(env, &untouched, &[]);
     if code != 0 || report["ok"] != true || !problems(&report).is_empty() {
         failures.push(format!("{backend}: the untouched copy does not pass (exit {code}): {:#}", report["problems"]));
     }
@@ -540,8 +582,8 @@ fn run_cases<'a>(env: &Env, fx: &Fixture, copy: &'a dyn Fn() -> Box<dyn Repo + '
     let (_, problem_kinds, _, _) = documented();
     for (name, tamper) in cases() {
         let repo = copy();
-        let expected: BTreeSet<(String, String)> = tamper(fx, repo.as_ref()).into_iter().map(|(k, key)| (k.to_string(), key)).collect();
-        let (code, report) = verify_json(env, repo.as_ref(), &[]);
+        let expected: BTreeSet<(String, String)> = tamper(fx, &repo).into_iter().map(|(k, key)| (k.to_string(), key)).collect();
+        let (code, report) = verify_json(env, &repo, &[]);
         let found = problems(&report);
         if code != 6 || report["ok"] != false || found != expected {
             failures.push(format!("{backend}: {name}: exit {code}, expected {expected:?}, found {found:?}"));
@@ -558,7 +600,7 @@ fn run_cases<'a>(env: &Env, fx: &Fixture, copy: &'a dyn Fn() -> Box<dyn Repo + '
 #[test]
 fn verify_detects_every_tampering_in_a_directory() {
     let fx = fixture();
-    let failures = run_cases(&fx.env, fx, &|| Box::new(file_copy(fx)), "file");
+    let failures = run_cases(&fx.env, fx, || file_copy(fx), "file");
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
@@ -566,7 +608,7 @@ fn verify_detects_every_tampering_in_a_directory() {
 fn verify_detects_every_tampering_on_s3() {
     let fx = fixture();
     let s3 = S3Access::new();
-    let failures = run_cases(&fx.s3env, fx, &|| Box::new(s3_copy(fx, &s3)), "s3");
+    let failures = run_cases(&fx.s3env, fx, || s3_copy(fx, &s3), "s3");
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
@@ -587,7 +629,7 @@ fn damaged_objects_make_backups_unrestorable_in_the_report() {
 
     // A segment between the backups: the old one is restorable, but replay stops there.
     let repo = file_copy(fx);
-    let seg = middle_segment(fx, &repo);
+    let seg = middle_segment(&fx.backups, &repo);
     repo.delete(&seg);
     let (_, report) = verify_json(&fx.env, &repo, &[]);
     let v = verdict(&report, old);
@@ -667,7 +709,7 @@ fn archive_get_refuses_wal_that_does_not_verify() {
     };
 
     let repo = file_copy(fx);
-    let key = middle_segment(fx, &repo);
+    let key = middle_segment(&fx.backups, &repo);
     let name = key.rsplit('/').next().unwrap().to_string();
     let (code, err, dest) = get(&repo, &name);
     assert_eq!(code, 0, "the untouched segment is served: {err}");
@@ -694,6 +736,15 @@ fn archive_get_refuses_wal_that_does_not_verify() {
     let (code, err, _) = get(&repo, &name);
     assert_eq!(code, 126, "{err}");
     assert!(err.contains(&key) && err.contains("swapped"), "{err}");
+
+    // A genuine old streaming copy of the same segment.
+    let repo = file_copy(fx);
+    repo.write(&fx.old_streaming_copy.0, &fx.old_streaming_copy.1);
+    let copied = fx.old_streaming_copy.0.rsplit('/').next().unwrap();
+    let (code, err, dest) = get(&repo, copied);
+    assert_eq!(code, 126, "{err}");
+    assert!(err.contains(&fx.old_streaming_copy.0) && err.contains("streaming copy"), "{err}");
+    assert!(!dest.exists());
 
     // Payload altered, record intact.
     let repo = file_copy(fx);
@@ -836,7 +887,7 @@ fn json_report_matches_the_documentation() {
     // interrupted backup, no pin, --deep, and a previous report.
     let segs = wal_segments(&repo);
     repo.delete(&segs[0]);
-    repo.delete(&middle_segment(fx, &repo));
+    repo.delete(&middle_segment(&fx.backups, &repo));
     repo.write("backups/20990101T000000Z/files.sealed", b"interrupted");
     let (code, report) =
         verify_json(&fx.env, &repo, &["--deep", "--previous-report", previous.to_str().unwrap(), "--set", "signing.public_key="]);

@@ -117,14 +117,14 @@ pub async fn run(ctx: &Ctx, args: &VerifyArgs) -> Result<i32> {
             return Ok(finish(report, started, args.json));
         }
     };
-    if let Some((_, prev)) = &previous {
-        if prev.system_identifier.as_ref().is_some_and(|s| s != &desc.descriptor.cluster.system_identifier) {
-            return Err(Error::Usage(format!(
-                "the previous report is of cluster {}, this repository holds cluster {}",
-                prev.system_identifier.as_deref().unwrap_or("?"),
-                desc.descriptor.cluster.system_identifier
-            )));
-        }
+    if let Some((_, prev)) = &previous
+        && prev.system_identifier.as_ref().is_some_and(|s| s != &desc.descriptor.cluster.system_identifier)
+    {
+        return Err(Error::Usage(format!(
+            "the previous report is of cluster {}, this repository holds cluster {}",
+            prev.system_identifier.as_deref().unwrap_or("?"),
+            desc.descriptor.cluster.system_identifier
+        )));
     }
     let opener = if args.deep { Some(ctx.opener()?) } else { None };
     report.system_identifier = Some(desc.descriptor.cluster.system_identifier.clone());

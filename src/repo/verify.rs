@@ -255,25 +255,25 @@ pub async fn verify(store: &Store, desc: &LoadedDescriptor, opts: &VerifyOptions
             _ => {}
         }
     }
-    let loaded: Vec<(String, Result<(BackupManifest, String), crate::Error>)> =
-        futures::stream::iter(backup_dirs.iter().filter(|(_, has)| **has).map(|(id, _)| id.to_string()))
-            .map(|id| {
-                let ctx = &ctx;
-                async move {
-                    let key = layout::backup_manifest_key(&id);
-                    let r = async {
-                        let raw = storage::get_bytes(ctx.store.as_ref(), &key, None).await?;
-                        ctx.read(raw.len() as u64);
-                        let m = BackupManifest::from_document(&raw, &ctx.desc.trusted_key, &id)?;
-                        Ok::<_, crate::Error>((m, blake3::hash(&raw).to_hex().to_string()))
-                    }
-                    .await;
-                    (id, r)
+    type Loaded = (String, Result<(BackupManifest, String), crate::Error>);
+    let loaded: Vec<Loaded> = futures::stream::iter(backup_dirs.iter().filter(|(_, has)| **has).map(|(id, _)| id.to_string()))
+        .map(|id| {
+            let ctx = &ctx;
+            async move {
+                let key = layout::backup_manifest_key(&id);
+                let r = async {
+                    let raw = storage::get_bytes(ctx.store.as_ref(), &key, None).await?;
+                    ctx.read(raw.len() as u64);
+                    let m = BackupManifest::from_document(&raw, &ctx.desc.trusted_key, &id)?;
+                    Ok::<_, crate::Error>((m, blake3::hash(&raw).to_hex().to_string()))
                 }
-            })
-            .buffer_unordered(parallel)
-            .collect()
-            .await;
+                .await;
+                (id, r)
+            }
+        })
+        .buffer_unordered(parallel)
+        .collect()
+        .await;
     let mut manifests: Vec<BackupManifest> = Vec::new();
     let mut manifest_hashes: HashMap<String, String> = HashMap::new();
     let mut broken: Vec<(String, Problem)> = Vec::new();
@@ -301,7 +301,7 @@ pub async fn verify(store: &Store, desc: &LoadedDescriptor, opts: &VerifyOptions
             }
         }
     }
-    manifests.sort_by(|a, b| (a.end_lsn, a.end_time).cmp(&(b.end_lsn, b.end_time)));
+    manifests.sort_by_key(|m| (m.end_lsn, m.end_time));
     for (id, _) in backup_dirs.iter().filter(|(_, has)| !**has) {
         warnings.push(problem(
             "incomplete_backup",
@@ -316,10 +316,11 @@ pub async fn verify(store: &Store, desc: &LoadedDescriptor, opts: &VerifyOptions
         .filter(|b| opts.backup.as_ref().is_none_or(|id| &b.backup_id == id))
         .filter(|b| opts.since.is_none_or(|t| b.end_time >= t))
         .collect();
-    if let Some(id) = &opts.backup {
-        if in_scope.is_empty() && !broken.iter().any(|(b, _)| b == id) {
-            return Err(crate::Error::Usage(format!("no backup {id} in the repository (see `walvault info`)")));
-        }
+    if let Some(id) = &opts.backup
+        && in_scope.is_empty()
+        && !broken.iter().any(|(b, _)| b == id)
+    {
+        return Err(crate::Error::Usage(format!("no backup {id} in the repository (see `walvault info`)")));
     }
     let whole = opts.backup.is_none() && opts.since.is_none();
     let broken_in_scope: Vec<&(String, Problem)> = broken.iter().filter(|(id, _)| whole || opts.backup.as_ref() == Some(id)).collect();
@@ -412,7 +413,7 @@ pub async fn verify(store: &Store, desc: &LoadedDescriptor, opts: &VerifyOptions
                 None => {}
             }
         }
-        for (id, _) in &index_info {
+        for id in index_info.keys() {
             if !pack_expect.contains_key(id.as_str()) && !listed.contains_key(layout::pack_key(id).as_str()) {
                 warnings.push(problem(
                     "orphan_index",
@@ -546,14 +547,14 @@ pub async fn verify(store: &Store, desc: &LoadedDescriptor, opts: &VerifyOptions
     // The chain: each record names the plaintext checksum of its predecessor.
     for ((tli, segno), rec) in &records {
         let Some(link) = &rec.prev else { continue };
-        if let Some(prev) = segno.checked_sub(1).and_then(|p| records.get(&(*tli, p))) {
-            if &prev.plain_blake3 != link {
-                problems.push(problem(
-                    "chain_broken",
-                    WalArchive::key_of(&rec.file),
-                    format!("its record links to a previous segment with blake3 {link}, but {} has {}", prev.file, prev.plain_blake3),
-                ));
-            }
+        if let Some(prev) = segno.checked_sub(1).and_then(|p| records.get(&(*tli, p)))
+            && &prev.plain_blake3 != link
+        {
+            problems.push(problem(
+                "chain_broken",
+                WalArchive::key_of(&rec.file),
+                format!("its record links to a previous segment with blake3 {link}, but {} has {}", prev.file, prev.plain_blake3),
+            ));
         }
     }
 
@@ -1001,28 +1002,30 @@ pub fn compare(
     for t in &before.timelines {
         let now_t = now.timelines.iter().find(|x| x.timeline == t.timeline);
         let (first_now, last_now) = now_t.map(|x| (x.first_segment.clone(), x.last_segment.clone())).unwrap_or((None, None));
-        if let Some(last) = &t.last_segment {
-            if segno(&last_now).is_none_or(|n| Some(n) < segno(&t.last_segment)) {
-                problems.push(problem(
-                    "wal_truncated",
-                    layout::wal_key(last),
-                    format!(
-                        "timeline {}'s WAL ended at {last} in the previous report; it now ends at {}: newer WAL was removed",
-                        t.timeline,
-                        last_now.as_deref().unwrap_or("nothing")
-                    ),
-                ));
-            }
+        if let Some(last) = &t.last_segment
+            && segno(&last_now).is_none_or(|n| Some(n) < segno(&t.last_segment))
+        {
+            problems.push(problem(
+                "wal_truncated",
+                layout::wal_key(last),
+                format!(
+                    "timeline {}'s WAL ended at {last} in the previous report; it now ends at {}: newer WAL was removed",
+                    t.timeline,
+                    last_now.as_deref().unwrap_or("nothing")
+                ),
+            ));
         }
         // The segment that was the newest then must still hold the same WAL.
-        if let (Some(last), Some(then)) = (&t.last_segment, &t.last_segment_plain_blake3) {
-            if plain_now(last).is_some_and(|h| &h != then) {
-                problems.push(problem(
-                    "replaced",
-                    layout::wal_key(last),
-                    format!("{last} had plain blake3 {then} in the previous report; its record now says otherwise: it was rewritten with the signing key"),
-                ));
-            }
+        if let (Some(last), Some(then)) = (&t.last_segment, &t.last_segment_plain_blake3)
+            && plain_now(last).is_some_and(|h| &h != then)
+        {
+            problems.push(problem(
+                "replaced",
+                layout::wal_key(last),
+                format!(
+                    "{last} had plain blake3 {then} in the previous report; its record now says otherwise: it was rewritten with the signing key"
+                ),
+            ));
         }
         if t.history && !now_t.is_some_and(|x| x.history) {
             problems.push(problem(

@@ -114,6 +114,7 @@ impl WalArchive {
                 message: format!("the signed record is for '{}', not '{file}' (objects were swapped)", header.record.file),
             });
         }
+        check_streaming_record(&header.record, file, &key)?;
         Ok(Some(header))
     }
 
@@ -246,6 +247,7 @@ impl WalArchive {
             }
             .into());
         }
+        check_streaming_record(&header.record, file, &key)?;
         let expected = Expected {
             stored_hash: Some(parse_hash(&header.record.stored_blake3, &key)?),
             plain_hash: Some(parse_hash(&header.record.plain_blake3, &key)?),
@@ -299,6 +301,17 @@ impl WalArchive {
         out.sort_by(|a, b| a.file.cmp(&b.file).then(a.streaming.cmp(&b.streaming)));
         Ok(out)
     }
+}
+
+/// A streaming copy's record (it has `valid_bytes`) under a complete file's
+/// key, or the reverse: a genuine old copy standing in for the segment.
+fn check_streaming_record(record: &WalRecord, file: &str, key: &str) -> Result<(), RepoError> {
+    let streaming = file.ends_with(STREAMING_SUFFIX);
+    if record.valid_bytes.is_some() != streaming {
+        let holds = if streaming { "a complete file's record" } else { "the record of a streaming copy (an incomplete segment)" };
+        return Err(RepoError::Integrity { object: key.to_string(), message: format!("holds {holds} (objects were replaced)") });
+    }
+    Ok(())
 }
 
 pub fn parse_hash(hex: &str, object: &str) -> Result<blake3::Hash, RepoError> {

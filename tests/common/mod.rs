@@ -1,6 +1,6 @@
 //! The shared test harness: throwaway PostgreSQL clusters, an S3-protocol
 //! server, and helpers to drive the built `walvault` binary.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 pub mod env;
 pub mod pg;
