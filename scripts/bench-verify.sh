@@ -3,9 +3,10 @@
 # same files. Builds a repository: pgbench at scale SCALE, a backup, pgbench
 # updates and EXTRA_MB of poorly compressible rows (random md5 text, so the
 # repository has some size: pgbench's data compresses about 20 times), a
-# second backup, their WAL; then times, with the files in the page cache (the
-# machine is shared: caches are not dropped):
-#   cat of every object (the store's speed), verify (key-less), verify --deep.
+# second backup, their WAL; then times cat of every object (the store's speed)
+# and verify (key-less), from the page cache and from the disk (only the
+# repository's own pages are evicted, with posix_fadvise: the machine may be
+# shared), and verify --deep once.
 #
 #   scripts/bench-verify.sh [SCALE [DIR]]      # default 50, a temp dir
 #
@@ -46,7 +47,7 @@ unix_socket_directories = '$dir'
 listen_addresses = ''
 archive_mode = on
 archive_command = '$dir/walvault --config $dir/walvault.toml archive-push %p'
-max_wal_size = '4GB'
+max_wal_size = '1GB'
 EOF
 echo "local replication all trust" >>"$dir/data/pg_hba.conf"
 keys=$(as_pg "$dir/walvault" keygen --out "$dir/keys")
@@ -95,8 +96,28 @@ done | best)
 t_verify=$(for _ in $(seq "$runs"); do
     as_pg $wv verify --json | python3 -c 'import json,sys; r=json.load(sys.stdin); assert r["ok"], r["problems"]; print(r["duration_ms"] / 1000)'
 done | best)
+evict() {
+    find "$dir/repo" -type f -print0 | python3 -c '
+import os, sys
+for p in sys.stdin.buffer.read().split(b"\0"):
+    if p:
+        fd = os.open(p, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)'
+}
+t_cat_cold=$(for _ in $(seq "$runs"); do
+    evict
+    s=$(date +%s.%N); find "$dir/repo" -type f -print0 | xargs -0 cat >/dev/null; e=$(date +%s.%N)
+    echo "$e - $s" | bc
+done | best)
+t_verify_cold=$(for _ in $(seq "$runs"); do
+    evict
+    as_pg $wv verify --json | python3 -c 'import json,sys; r=json.load(sys.stdin); assert r["ok"], r["problems"]; print(r["duration_ms"] / 1000)'
+done | best)
 t_deep=$(as_pg $wv verify --json --deep | python3 -c 'import json,sys; r=json.load(sys.stdin); assert r["ok"], r["problems"]; print(r["duration_ms"] / 1000)')
 rate() { awk -v b="$bytes" -v t="$1" 'BEGIN {printf "%.0f MiB/s", b / 1048576 / t}'; }
 printf '%-28s %8s s  %s\n' "cat (page cache)" "$t_cat" "$(rate "$t_cat")"
-printf '%-28s %8s s  %s\n' "verify" "$t_verify" "$(rate "$t_verify")"
+printf '%-28s %8s s  %s\n' "verify (page cache)" "$t_verify" "$(rate "$t_verify")"
+printf '%-28s %8s s  %s\n' "cat (disk)" "$t_cat_cold" "$(rate "$t_cat_cold")"
+printf '%-28s %8s s  %s\n' "verify (disk)" "$t_verify_cold" "$(rate "$t_verify_cold")"
 printf '%-28s %8s s  %s (of stored bytes; it also decompresses)\n' "verify --deep" "$t_deep" "$(rate "$t_deep")"

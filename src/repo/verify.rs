@@ -216,6 +216,26 @@ fn class_of(key: &str) -> ObjectClass<'_> {
     ObjectClass::Other
 }
 
+/// An object to read: one whose size and blake3 a signed document gives, or a WAL object.
+enum Job<'o> {
+    Stored { key: String, size: u64, hash: String, kind: &'static str },
+    Wal(&'o ObjectMeta),
+}
+
+impl Job<'_> {
+    fn size(&self) -> u64 {
+        match self {
+            Job::Stored { size, .. } => *size,
+            Job::Wal(o) => o.size,
+        }
+    }
+}
+
+enum Done<'o> {
+    Stored(&'static str, Result<(), Problem>),
+    Wal(&'o ObjectMeta, Result<WalRecord, Problem>),
+}
+
 /// The audit. `desc` was loaded (and its signature checked) by the caller.
 pub async fn verify(store: &Store, desc: &LoadedDescriptor, opts: &VerifyOptions) -> Result<Outcome, crate::Error> {
     let ctx = Ctx { store, desc, bytes: AtomicU64::new(0), progress: opts.progress.clone() };
@@ -428,28 +448,6 @@ pub async fn verify(store: &Store, desc: &LoadedDescriptor, opts: &VerifyOptions
             to_hash.push((s.key.clone(), s.stored_len, s.stored_blake3.clone(), "backup_object"));
         }
     }
-    let results: Vec<(&'static str, Result<(), Problem>)> = futures::stream::iter(to_hash)
-        .map(|(key, size, hash, kind)| {
-            let ctx = &ctx;
-            let listed = &listed;
-            async move { (kind, check_stored_hash(ctx, &key, size, &hash, listed.get(key.as_str()).copied()).await) }
-        })
-        .buffer_unordered(parallel)
-        .collect()
-        .await;
-    for (kind, r) in results {
-        if !matches!(&r, Err(p) if p.kind == "missing") {
-            checked.total += 1;
-            match kind {
-                "pack" => checked.packs += 1,
-                _ => checked.backup_objects += 1,
-            }
-        }
-        if let Err(p) = r {
-            problems.push(p);
-        }
-    }
-
     // WAL: every object's record and stored checksum, in scope.
     let min_segno = if whole {
         0
@@ -468,15 +466,45 @@ pub async fn verify(store: &Store, desc: &LoadedDescriptor, opts: &VerifyOptions
         .collect();
     let expected_wal = WalArchive::new(store.clone(), Arc::new(desc.clone()), None).expected_wal();
     let opener = opts.deep.clone();
-    let results: Vec<(&ObjectMeta, Result<WalRecord, Problem>)> = futures::stream::iter(wal_in_scope)
-        .map(|o| {
-            let ctx = &ctx;
-            let opener = opener.clone();
-            async move { (o, check_wal_object(ctx, &o.key, opener.as_ref(), &expected_wal).await) }
+
+    // One queue for both, biggest first, so that no core idles while the
+    // last big pack is hashed alone.
+    let mut jobs: Vec<Job> = to_hash.into_iter().map(|(key, size, hash, kind)| Job::Stored { key, size, hash, kind }).collect();
+    jobs.extend(wal_in_scope.into_iter().map(Job::Wal));
+    jobs.sort_by_key(|j| std::cmp::Reverse(j.size()));
+    let done: Vec<Done> = futures::stream::iter(jobs)
+        .map(|job| {
+            let (ctx, listed, opener, expected_wal) = (&ctx, &listed, opener.clone(), &expected_wal);
+            async move {
+                match job {
+                    Job::Stored { key, size, hash, kind } => {
+                        Done::Stored(kind, check_stored_hash(ctx, &key, size, &hash, listed.get(key.as_str()).copied()).await)
+                    }
+                    Job::Wal(o) => Done::Wal(o, check_wal_object(ctx, &o.key, opener.as_ref(), expected_wal).await),
+                }
+            }
         })
         .buffer_unordered(parallel)
         .collect()
         .await;
+    let mut results = Vec::new();
+    for d in done {
+        match d {
+            Done::Stored(kind, r) => {
+                if !matches!(&r, Err(p) if p.kind == "missing") {
+                    checked.total += 1;
+                    match kind {
+                        "pack" => checked.packs += 1,
+                        _ => checked.backup_objects += 1,
+                    }
+                }
+                if let Err(p) = r {
+                    problems.push(p);
+                }
+            }
+            Done::Wal(o, r) => results.push((o, r)),
+        }
+    }
     let mut deep_wal = 0;
     let mut verified_wal: Vec<(&ObjectMeta, WalRecord)> = Vec::new();
     for (o, r) in results {
