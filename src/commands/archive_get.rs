@@ -24,12 +24,14 @@ const WANTED: &str = "wanted";
 const PID_FILE: &str = "prefetch.pid";
 /// The worker exits when PostgreSQL has asked for nothing new for this long.
 const IDLE_EXIT: Duration = Duration::from_secs(60);
+/// How long a request waits for a download the worker has under way.
+const PREFETCH_WAIT: Duration = Duration::from_secs(30);
 
 pub async fn run(ctx: &Ctx, args: &ArchiveGetArgs) -> Result<i32> {
     match fetch(ctx, args).await {
         Ok(true) => Ok(0),
         Ok(false) => {
-            tracing::info!(file = %args.name, "not in the repository");
+            tracing::info!("{} is not in the repository", args.name);
             Ok(exit::NOT_FOUND)
         }
         Err(e) => {
@@ -60,12 +62,13 @@ async fn fetch(ctx: &Ctx, args: &ArchiveGetArgs) -> Result<bool> {
         return Ok(false);
     };
     let spool = prefetch_spool(ctx);
-    if kind == WalFileKind::Segment {
-        if std::fs::rename(spool.join(&args.name), &args.dest).is_ok() {
-            tracing::debug!(file = %args.name, "served from the prefetch spool");
-            want(ctx, &spool, &args.name);
-            return Ok(true);
-        }
+    if kind == WalFileKind::Segment
+        && (spool.join(&args.name).exists() || wait_for_prefetch(&spool, &args.name).await)
+        && take_from_spool(&spool.join(&args.name), &args.dest)
+    {
+        tracing::info!("{} served from the prefetch spool", args.name);
+        want(ctx, &spool, &args.name);
+        return Ok(true);
     }
 
     let store = ctx.store().await?;
@@ -73,6 +76,7 @@ async fn fetch(ctx: &Ctx, args: &ArchiveGetArgs) -> Result<bool> {
     let archive = WalArchive::new(store, desc, None);
     let opener = ctx.opener()?;
     if archive.fetch_to_file(&args.name, &opener, &args.dest).await?.is_some() {
+        tracing::info!("{} fetched from the repository", args.name);
         if kind == WalFileKind::Segment {
             want(ctx, &spool, &args.name);
         }
@@ -82,6 +86,28 @@ async fn fetch(ctx: &Ctx, args: &ArchiveGetArgs) -> Result<bool> {
         return fetch_streaming_copy(&archive, &opener, &args.name, &args.dest).await;
     }
     Ok(false)
+}
+
+/// Moves a prefetched segment to `dest`; copies when the spool is on another
+/// file system. False when the spool does not have it.
+fn take_from_spool(src: &Path, dest: &Path) -> bool {
+    match std::fs::rename(src, dest) {
+        Ok(()) => true,
+        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+            let tmp = dest.with_file_name(format!(
+                ".{}.spool-{:08x}",
+                dest.file_name().and_then(|n| n.to_str()).unwrap_or("wal"),
+                rand::random::<u32>()
+            ));
+            let copied = std::fs::copy(src, &tmp).and_then(|_| std::fs::rename(&tmp, dest));
+            if copied.is_err() {
+                let _ = std::fs::remove_file(&tmp);
+            }
+            let _ = std::fs::remove_file(src);
+            copied.is_ok()
+        }
+        Err(_) => false,
+    }
 }
 
 /// Serves the streamer's copy of a segment that never completed (the primary
@@ -94,11 +120,11 @@ async fn fetch_streaming_copy(archive: &WalArchive, opener: &crate::pipeline::Op
     if archive.streaming_header(name).await?.is_none() {
         return Ok(false);
     }
-    if let Some(switch) = archive.abandoned_at(seg.tli).await? {
-        if switch < seg.end_lsn() {
-            tracing::info!(file = name, switch = %switch, "not serving the streamed copy: its timeline was abandoned at that point");
-            return Ok(false);
-        }
+    if let Some(switch) = archive.abandoned_at(seg.tli).await?
+        && switch < seg.end_lsn()
+    {
+        tracing::info!(file = name, switch = %switch, "not serving the streamed copy: its timeline was abandoned at that point");
+        return Ok(false);
     }
     let tmp = dest.with_file_name(format!(".{name}.streaming-{:08x}", rand::random::<u32>()));
     let streamed = format!("{name}{STREAMING_SUFFIX}");
@@ -209,43 +235,48 @@ async fn prefetch_loop(ctx: &Ctx, spool: &Path) -> Result<()> {
     let mut last_wanted = String::new();
     let mut last_change = Instant::now();
     let mut missing: std::collections::HashMap<String, Instant> = Default::default();
+    // Downloads run continuously: as one lands the next starts, so replay
+    // never waits for a whole batch.
+    let mut in_flight = futures::stream::FuturesUnordered::new();
+    let mut fetching: std::collections::HashSet<String> = Default::default();
+    remove_temporaries(spool);
     loop {
+        if recovery_finished() {
+            tracing::info!("recovery has finished; removing the prefetched segments");
+            break;
+        }
         let wanted = std::fs::read_to_string(spool.join(WANTED)).unwrap_or_default().trim().to_string();
         if wanted != last_wanted {
             last_wanted = wanted.clone();
             last_change = Instant::now();
-        } else if last_change.elapsed() > IDLE_EXIT {
+        } else if last_change.elapsed() > IDLE_EXIT && in_flight.is_empty() {
             break;
         }
-        let Some(current) = WalSegmentName::parse(&wanted, seg_size) else {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            continue;
-        };
-        let window: Vec<String> = (1..=depth).map(|i| WalSegmentName::new(current.tli, current.segno + i, seg_size).to_string()).collect();
-        remove_outside(spool, &window);
-        let todo: Vec<String> = window
-            .iter()
-            .filter(|n| !spool.join(n).exists())
-            .filter(|n| missing.get(*n).is_none_or(|t| t.elapsed() > Duration::from_secs(2)))
-            .cloned()
-            .collect();
-        if todo.is_empty() {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
-        }
-        let results: Vec<(String, Result<bool>)> = futures::stream::iter(todo)
-            .map(|n| {
-                let (archive, opener) = (&archive, &opener);
-                async move {
-                    let dest = spool.join(&n);
-                    let r = archive.fetch_to_file(&n, opener, &dest).await.map(|r| r.is_some());
-                    (n, r)
+        if let Some(current) = WalSegmentName::parse(&wanted, seg_size) {
+            let window: Vec<String> =
+                (1..=depth).map(|i| WalSegmentName::new(current.tli, current.segno + i, seg_size).to_string()).collect();
+            remove_outside(spool, &window);
+            for n in &window {
+                if in_flight.len() >= parallel {
+                    break;
                 }
-            })
-            .buffer_unordered(parallel)
-            .collect()
-            .await;
-        for (n, r) in results {
+                if fetching.contains(n) || spool.join(n).exists() || missing.get(n).is_some_and(|t| t.elapsed() < Duration::from_secs(2)) {
+                    continue;
+                }
+                fetching.insert(n.clone());
+                let (archive, opener, n) = (&archive, &opener, n.clone());
+                in_flight.push(async move {
+                    let r = archive.fetch_to_file(&n, opener, &spool.join(&n)).await.map(|r| r.is_some());
+                    (n, r)
+                });
+            }
+        }
+        let done = tokio::select! {
+            Some(done) = in_flight.next(), if !in_flight.is_empty() => Some(done),
+            _ = tokio::time::sleep(Duration::from_millis(50)) => None,
+        };
+        if let Some((n, r)) = done {
+            fetching.remove(&n);
             match r {
                 Ok(true) => {
                     missing.remove(&n);
@@ -261,8 +292,46 @@ async fn prefetch_loop(ctx: &Ctx, spool: &Path) -> Result<()> {
             }
         }
     }
+    while in_flight.next().await.is_some() {}
     remove_outside(spool, &[]);
+    remove_temporaries(spool);
     Ok(())
+}
+
+/// Whether the worker is downloading `name` right now: then waiting for it
+/// beats downloading it a second time.
+fn being_prefetched(spool: &Path, name: &str) -> bool {
+    let prefix = format!(".{name}.walvault-");
+    std::fs::read_dir(spool)
+        .map(|entries| entries.flatten().any(|e| e.file_name().to_str().is_some_and(|n| n.starts_with(&prefix))))
+        .unwrap_or(false)
+}
+
+/// Waits (a bounded time) for the worker's download of `name` to land in the spool.
+async fn wait_for_prefetch(spool: &Path, name: &str) -> bool {
+    let deadline = Instant::now() + PREFETCH_WAIT;
+    while being_prefetched(spool, name) && worker_alive(spool) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    spool.join(name).exists()
+}
+
+/// The worker runs in the data directory PostgreSQL ran restore_command in
+/// (it inherits the working directory): once recovery.signal and
+/// standby.signal are gone, recovery is over and nothing more will be asked.
+fn recovery_finished() -> bool {
+    let here = Path::new(".");
+    here.join("PG_VERSION").is_file() && !here.join("recovery.signal").exists() && !here.join("standby.signal").exists()
+}
+
+/// Temporary files of fetches cut short (a worker killed mid-download).
+fn remove_temporaries(spool: &Path) {
+    let Ok(entries) = std::fs::read_dir(spool) else { return };
+    for e in entries.flatten() {
+        if e.file_name().to_str().is_some_and(|n| n.starts_with('.') && n.contains(".walvault-")) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
 }
 
 /// Deletes prefetched segments that are not in the window any more.

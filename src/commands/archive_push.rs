@@ -15,60 +15,89 @@ use futures::StreamExt;
 use super::Ctx;
 use crate::cli::ArchivePushArgs;
 use crate::error::{Error, Result, ResultExt};
-use crate::pg::lsn::{WalFileKind, WalSegmentName, classify_wal_file, parse_history};
+use crate::pg::lsn::{HistoryEntry, WalFileKind, WalSegmentName, classify_wal_file, parse_history};
 use crate::pg::walheader::{self, ExpectedWal};
-use crate::repo::wal::{PushOutcome, SealedWal, WalArchive};
+use crate::repo::RepoError;
+use crate::repo::wal::{PushOutcome, SealedWal, WalArchive, normalize_partial, switch_inside};
 
 pub async fn run(ctx: &Ctx, args: &ArchivePushArgs) -> Result<i32> {
     let name = file_name(&args.path)?;
     let kind = classify_wal_file(&name).ok_or_else(|| {
         Error::Usage(format!("'{}' is not a WAL file name (segment, .partial, .backup or .history)", args.path.display()))
     })?;
-    let data = Bytes::from(std::fs::read(&args.path).with_context(|| format!("cannot read {}", args.path.display()))?);
-    let markers = ctx.config.spool_dir().join("archive-push");
+    let data = std::fs::read(&args.path).with_context(|| format!("cannot read {}", args.path.display()))?;
+    let markers = marker_dir(ctx);
 
     let store = ctx.store().await?;
-    if let Some(done) = marker_matches(&markers, &name, &data) {
-        if store.head(&WalArchive::key_of(&name)).await?.is_some() {
-            tracing::info!(file = %name, blake3 = %done, "already archived by an earlier parallel push");
-            return Ok(0);
+    if kind == WalFileKind::Segment
+        && let Some(marker) = marker_matches(&markers, &name, &data)
+        && store.head(&WalArchive::key_of(&name)).await?.is_some()
+    {
+        if marker.ahead {
+            tracing::info!("{name} was already archived by an earlier call (blake3 {})", marker.plain);
+            write_marker(&markers, &name, &marker.plain, false);
+        } else {
+            // PostgreSQL archives a file again after a crash.
+            tracing::warn!("{name} is already in the repository with the same content (blake3 {}); nothing to do", marker.plain);
         }
+        return Ok(0);
     }
 
     let archive = ctx.wal_writer(store).await?;
     let expected = archive.expected_wal();
-    check_file(&name, kind, &data, &expected)?;
+    let data = match kind {
+        WalFileKind::Partial => normalized_partial(&archive, &args.path, &name, data, &expected).await?,
+        _ => {
+            check_file(&name, kind, &data, &expected)?;
+            Bytes::from(data)
+        }
+    };
 
     let mut batch = vec![(name.clone(), data)];
     if kind == WalFileKind::Segment && ctx.config.wal.push_parallel > 1 {
         batch.extend(backlog(&args.path, &name, ctx.config.wal.push_parallel - 1, &expected));
     }
-    let results = push_batch(&archive, batch, "archive-push").await;
+    let results = push_batch(&archive, batch, "archive-push", |n| marker_link(&markers, n)).await;
 
     let mut own = None;
     for (file, result) in results {
         match result {
             Ok((outcome, plain)) => {
                 if file == name {
-                    own = Some(outcome);
+                    own = Some((outcome, plain.clone()));
                 } else {
-                    tracing::info!(file = %file, "archived ahead of PostgreSQL's request (backlog)");
+                    tracing::info!("{file} archived ahead of PostgreSQL's request (backlog)");
                 }
-                write_marker(&markers, &file, &plain);
+                if classify_wal_file(&file) == Some(WalFileKind::Segment) {
+                    write_marker(&markers, &file, &plain, file != name);
+                }
             }
-            Err(e) if file == name => return Err(e.context(format!("cannot archive {file}"))),
-            Err(e) => tracing::warn!(file = %file, error = %e, "could not archive ahead; PostgreSQL will ask again"),
+            Err(e) if file == name => return Err(push_error(&file, e)),
+            Err(e) => tracing::warn!("could not archive {file} ahead of PostgreSQL's request (it will ask again): {e}"),
         }
     }
     match own {
-        Some(PushOutcome::AlreadyIdentical) => {
-            tracing::warn!(file = %name, "already in the repository with the same content; nothing to do");
+        Some((PushOutcome::AlreadyIdentical, plain)) => {
+            tracing::warn!("{name} is already in the repository with the same content (blake3 {plain}); nothing to do");
         }
-        Some(PushOutcome::Stored) => tracing::info!(file = %name, "archived"),
+        Some((PushOutcome::Stored, _)) => tracing::info!("{name} archived"),
         None => unreachable!("the requested file is always in the batch"),
     }
-    prune_markers(&markers, &name);
+    if kind == WalFileKind::Segment {
+        prune_markers(&markers, &name);
+    }
     Ok(0)
+}
+
+fn push_error(file: &str, e: Error) -> Error {
+    match e.root() {
+        Error::Repo(RepoError::Conflict(m)) => Error::with_hint(
+            format!("cannot archive {file}: {m}"),
+            "two different files carry this name: is another server (a restored copy, an old primary) archiving into the same repository? \
+             Check archive_command and repository.url on every server; the stored file was kept",
+        ),
+        _ => e.context(format!("cannot archive {file}")),
+    }
 }
 
 fn file_name(path: &Path) -> Result<String> {
@@ -106,6 +135,47 @@ pub fn check_file(name: &str, kind: WalFileKind, data: &[u8], expected: &Expecte
     Ok(())
 }
 
+/// A `.partial` in the repository's form (see `normalize_partial`): the switch
+/// point comes from the history files next to it in pg_wal (PostgreSQL writes
+/// the new timeline's history before it renames the old segment), else from
+/// the repository.
+async fn normalized_partial(archive: &WalArchive, path: &Path, name: &str, mut data: Vec<u8>, expected: &ExpectedWal) -> Result<Bytes> {
+    let seg = WalSegmentName::parse(&name[..24], expected.seg_size)
+        .ok_or_else(|| Error::failed(format!("{name}: not a segment name for {} byte segments", expected.seg_size)))?;
+    let mut switch = switch_inside(&seg, &local_histories(path));
+    if switch.is_none() {
+        let stored: Vec<Vec<HistoryEntry>> = archive.histories().await?.into_iter().map(|(_, h)| h).collect();
+        switch = switch_inside(&seg, &stored);
+    }
+    match switch {
+        Some(at) => {
+            normalize_partial(&mut data, &seg, at);
+            check_file(name, WalFileKind::Partial, &data, expected)?;
+        }
+        None => check_file(name, WalFileKind::Partial, &data, expected).map_err(|e| {
+            Error::with_hint(
+                format!("{e}; and no timeline history file says where timeline {} ended inside this segment", seg.tli),
+                format!(
+                    "PostgreSQL archives the new timeline's history file first: check that a history file listing timeline {} is in pg_wal or in the repository",
+                    seg.tli
+                ),
+            )
+        })?,
+    }
+    Ok(Bytes::from(data))
+}
+
+/// The switch points of the history files in the directory of `path` (pg_wal).
+fn local_histories(path: &Path) -> Vec<Vec<HistoryEntry>> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    entries
+        .flatten()
+        .filter(|e| e.file_name().to_str().and_then(classify_wal_file) == Some(WalFileKind::History))
+        .filter_map(|e| parse_history(&std::fs::read_to_string(e.path()).ok()?).ok())
+        .collect()
+}
+
 /// The next `.ready` segments after `current`, read and checked; ones that fail
 /// their check are left for PostgreSQL to push (and fail) itself.
 fn backlog(path: &Path, current: &str, max: usize, expected: &ExpectedWal) -> Vec<(String, Bytes)> {
@@ -129,8 +199,14 @@ fn backlog(path: &Path, current: &str, max: usize, expected: &ExpectedWal) -> Ve
 }
 
 /// Seals the files in parallel, links each segment to its predecessor (from the
-/// batch when it is there, else from the repository), and stores them in parallel.
-pub async fn push_batch(archive: &WalArchive, batch: Vec<(String, Bytes)>, source: &str) -> Vec<(String, Result<(PushOutcome, String)>)> {
+/// batch when it is there, else from `known_link`, else from the repository),
+/// and stores them in parallel.
+pub async fn push_batch(
+    archive: &WalArchive,
+    batch: Vec<(String, Bytes)>,
+    source: &str,
+    known_link: impl Fn(&str) -> Option<String>,
+) -> Vec<(String, Result<(PushOutcome, String)>)> {
     let names: Vec<String> = batch.iter().map(|(n, _)| n.clone()).collect();
     let sealed: Vec<Result<SealedWal>> = futures::stream::iter(batch)
         .map(|(n, d)| async move { Ok(archive.seal(&n, d).await?) })
@@ -147,9 +223,13 @@ pub async fn push_batch(archive: &WalArchive, batch: Vec<(String, Bytes)>, sourc
             let this = this?;
             (prev.tli == this.tli && prev.segno + 1 == this.segno).then(|| sealed[j].as_ref().ok()).flatten()
         });
+        let prev_name = this.and_then(|t| t.prev()).map(|p| p.to_string());
         links.push(match (from_batch, s) {
             (Some(prev), _) => Some(prev.summary.plain_hash.to_hex().to_string()),
-            (None, Ok(_)) => archive.chain_link(&names[i]).await.unwrap_or(None),
+            (None, Ok(_)) => match prev_name.as_deref().and_then(&known_link) {
+                Some(link) => Some(link),
+                None => archive.chain_link(&names[i]).await.unwrap_or(None),
+            },
             (None, Err(_)) => None,
         });
     }
@@ -178,33 +258,74 @@ fn archive_parallelism() -> usize {
     crate::pipeline::cpu_pool().size().max(2) * 2
 }
 
+/// Markers of segments this repository holds, by name: the plaintext blake3 of
+/// each segment archive-push stored (or found stored). One directory per
+/// repository, so clusters sharing a spool never see each other's.
+fn marker_dir(ctx: &Ctx) -> PathBuf {
+    let tag = blake3::hash(ctx.config.repository.url.as_bytes()).to_hex();
+    ctx.config.spool_dir().join(format!("archive-push-{}", &tag[..16]))
+}
+
 fn marker_path(dir: &Path, name: &str) -> PathBuf {
     dir.join(format!("{name}.ok"))
 }
 
-/// The plaintext checksum in the marker, if it matches `data`.
-fn marker_matches(dir: &Path, name: &str, data: &[u8]) -> Option<String> {
-    let recorded = std::fs::read_to_string(marker_path(dir, name)).ok()?;
-    let actual = blake3::hash(data).to_hex().to_string();
-    (recorded.trim() == actual).then_some(actual)
+/// A marker: `<plain blake3>`, followed by ` ahead` for a segment stored
+/// before PostgreSQL asked for it.
+struct Marker {
+    plain: String,
+    ahead: bool,
 }
 
-fn write_marker(dir: &Path, name: &str, plain: &str) {
-    use std::os::unix::fs::DirBuilderExt;
+fn read_marker(dir: &Path, name: &str) -> Option<Marker> {
+    let text = std::fs::read_to_string(marker_path(dir, name)).ok()?;
+    let mut words = text.split_whitespace();
+    let plain = words.next().filter(|h| blake3::Hash::from_hex(h).is_ok())?.to_string();
+    Some(Marker { plain, ahead: words.next() == Some("ahead") })
+}
+
+/// The marker of `name`, if it records `data`'s checksum.
+fn marker_matches(dir: &Path, name: &str, data: &[u8]) -> Option<Marker> {
+    let marker = read_marker(dir, name)?;
+    (marker.plain == blake3::hash(data).to_hex().as_str()).then_some(marker)
+}
+
+/// The chain link to a segment stored by an earlier call: saves reading its
+/// record back from the store.
+fn marker_link(dir: &Path, prev: &str) -> Option<String> {
+    read_marker(dir, prev).map(|m| m.plain)
+}
+
+/// Markers are shortcuts (a lost one costs a store round trip, a torn one
+/// reads as absent), so they are renamed into place without an fsync.
+fn write_marker(dir: &Path, name: &str, plain: &str, ahead: bool) {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     let _ = std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir);
-    if let Err(e) = crate::util::write_file_atomic(&marker_path(dir, name), plain.as_bytes(), 0o600) {
+    let path = marker_path(dir, name);
+    let tmp = dir.join(format!(".{name}.{:08x}", rand::random::<u32>()));
+    let text = if ahead { format!("{plain} ahead\n") } else { format!("{plain}\n") };
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, text.as_bytes()))
+        .and_then(|_| std::fs::rename(&tmp, &path));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
         tracing::debug!(error = %e, "cannot write archive-push marker (only a shortcut is lost)");
     }
 }
 
-/// Markers of files before `current` are no longer needed: PostgreSQL archives in order.
+/// Markers of segments before `current` are no longer needed: PostgreSQL
+/// archives in order. `current`'s stays, for the next segment's chain link.
 fn prune_markers(dir: &Path, current: &str) {
     let Ok(entries) = std::fs::read_dir(dir) else { return };
     for e in entries.flatten() {
-        if let Some(n) = e.file_name().to_str().and_then(|n| n.strip_suffix(".ok")) {
-            if n <= current {
-                let _ = std::fs::remove_file(e.path());
-            }
+        if let Some(n) = e.file_name().to_str().and_then(|n| n.strip_suffix(".ok"))
+            && n < current
+        {
+            let _ = std::fs::remove_file(e.path());
         }
     }
 }

@@ -31,6 +31,7 @@ pub async fn run(ctx: &Ctx, args: &StreamArgs) -> Result<i32> {
 pub fn settings(ctx: &Ctx, stop_at: Option<crate::pg::Lsn>) -> StreamerSettings {
     StreamerSettings {
         slot: ctx.config.postgres.slot.clone(),
+        application_name: ctx.config.postgres.application_name.clone(),
         status_interval: ctx.config.wal.status_interval,
         partial_interval: ctx.config.wal.partial_interval,
         synchronous: ctx.config.wal.synchronous,

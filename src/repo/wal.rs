@@ -107,14 +107,7 @@ impl WalArchive {
             Err(e) => return Err(e.into()),
         };
         let header = record::decode_header(&head, &self.desc.trusted_key, &key)?;
-        // A streaming copy's record names the segment it is a copy of.
-        if header.record.file != file.strip_suffix(STREAMING_SUFFIX).unwrap_or(file) {
-            return Err(RepoError::Integrity {
-                object: key,
-                message: format!("the signed record is for '{}', not '{file}' (objects were swapped)", header.record.file),
-            });
-        }
-        check_streaming_record(&header.record, file, &key)?;
+        check_record(&header.record, file, &key)?;
         Ok(Some(header))
     }
 
@@ -171,10 +164,10 @@ impl WalArchive {
         let key = Self::key_of(&sealed.file);
         let plain = sealed.summary.plain_hash.to_hex().to_string();
         // Where the store may ignore If-None-Match, look first (see docs/REPOSITORY.md).
-        if !self.desc.descriptor.store.conditional_create {
-            if let Some(existing) = self.read_header(&sealed.file).await? {
-                return self.compare_existing(&sealed.file, &existing, &plain);
-            }
+        if !self.desc.descriptor.store.conditional_create
+            && let Some(existing) = self.read_header(&sealed.file).await?
+        {
+            return self.compare_existing(&sealed.file, &existing, &plain);
         }
         let record = self.record_for(sealed, prev, source, None);
         let object = record::encode(&self.writer().key, &record, &sealed.payload);
@@ -240,14 +233,7 @@ impl WalArchive {
             Err(e) => return Err(e.into()),
         };
         let (header, payload) = split_header(stream, &self.desc, &key).await?;
-        if header.record.file != file.strip_suffix(STREAMING_SUFFIX).unwrap_or(file) {
-            return Err(RepoError::Integrity {
-                object: key,
-                message: format!("the signed record is for '{}', not '{file}' (objects were swapped)", header.record.file),
-            }
-            .into());
-        }
-        check_streaming_record(&header.record, file, &key)?;
+        check_record(&header.record, file, &key)?;
         let expected = Expected {
             stored_hash: Some(parse_hash(&header.record.stored_blake3, &key)?),
             plain_hash: Some(parse_hash(&header.record.plain_blake3, &key)?),
@@ -303,15 +289,52 @@ impl WalArchive {
     }
 }
 
-/// A streaming copy's record (it has `valid_bytes`) under a complete file's
-/// key, or the reverse: a genuine old copy standing in for the segment.
-fn check_streaming_record(record: &WalRecord, file: &str, key: &str) -> Result<(), RepoError> {
+/// Checks that a stored object's signed record is the one for `file`: a
+/// streaming copy's record names the segment it is a copy of and says how much
+/// WAL it holds; a complete file's record does not. Anything else means objects
+/// were swapped or replaced (say, a genuine old streaming copy standing in for
+/// the complete segment).
+fn check_record(record: &WalRecord, file: &str, key: &str) -> Result<(), RepoError> {
     let streaming = file.ends_with(STREAMING_SUFFIX);
+    if record.file != file.strip_suffix(STREAMING_SUFFIX).unwrap_or(file) {
+        return Err(RepoError::Integrity {
+            object: key.to_string(),
+            message: format!("the signed record is for '{}', not '{file}' (objects were swapped)", record.file),
+        });
+    }
     if record.valid_bytes.is_some() != streaming {
         let holds = if streaming { "a complete file's record" } else { "the record of a streaming copy (an incomplete segment)" };
         return Err(RepoError::Integrity { object: key.to_string(), message: format!("holds {holds} (objects were replaced)") });
     }
     Ok(())
+}
+
+/// The repository's form of an abandoned timeline's last segment (`.partial`):
+/// its WAL up to `switch`, where the next timeline branched off, and zeros after.
+///
+/// Two writers produce this file and must agree byte for byte: the streamer
+/// receives exactly the WAL up to the switch point (and pads with zeros), while
+/// PostgreSQL archives the promoted standby's own file, which may hold stale
+/// bytes of a recycled segment, or a torn record, past the switch point. Those
+/// bytes belong to no timeline (recovery never reads a `.partial`, and replay of
+/// the old timeline ends at the switch point), so dropping them loses nothing.
+pub fn normalize_partial(data: &mut [u8], seg: &WalSegmentName, switch: Lsn) {
+    if switch > seg.start_lsn() && switch < seg.end_lsn() {
+        let offset = (switch.0 - seg.start_lsn().0) as usize;
+        if offset < data.len() {
+            data[offset..].fill(0);
+        }
+    }
+}
+
+/// Where timeline `seg.tli` ended inside segment `seg`, according to any of
+/// the given history files' switch points.
+pub fn switch_inside(seg: &WalSegmentName, histories: &[Vec<HistoryEntry>]) -> Option<Lsn> {
+    histories
+        .iter()
+        .flatten()
+        .find(|e| e.tli == seg.tli && e.switch_lsn > seg.start_lsn() && e.switch_lsn < seg.end_lsn())
+        .map(|e| e.switch_lsn)
 }
 
 pub fn parse_hash(hex: &str, object: &str) -> Result<blake3::Hash, RepoError> {
@@ -339,5 +362,61 @@ pub async fn split_header(mut stream: ByteStream, desc: &LoadedDescriptor, key: 
                 return Err(RepoError::Integrity { object: key.into(), message: "object ends inside its record".into() }.into());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEG: u64 = 1 << 20;
+
+    #[test]
+    fn partial_segments_are_cut_at_the_switch_point() {
+        let seg = WalSegmentName::new(1, 5, SEG);
+        let switch = Lsn(5 * SEG + 0x2345);
+        let histories = vec![
+            vec![HistoryEntry { tli: 1, switch_lsn: Lsn(2 * SEG) }],
+            vec![HistoryEntry { tli: 1, switch_lsn: switch }, HistoryEntry { tli: 2, switch_lsn: Lsn(9 * SEG) }],
+        ];
+        assert_eq!(switch_inside(&seg, &histories), Some(switch));
+        assert_eq!(switch_inside(&WalSegmentName::new(2, 5, SEG), &histories), None);
+        // A switch on the segment's end leaves no partial segment.
+        assert_eq!(switch_inside(&WalSegmentName::new(2, 8, SEG), &histories), None);
+
+        let mut stale = vec![0xAB; SEG as usize];
+        let mut clean = stale.clone();
+        clean[0x2345..].fill(0);
+        normalize_partial(&mut stale, &seg, switch);
+        assert_eq!(stale, clean);
+        // A switch point outside the segment changes nothing.
+        let mut other = vec![0xAB; SEG as usize];
+        normalize_partial(&mut other, &seg, Lsn(7 * SEG + 1));
+        assert!(other.iter().all(|&b| b == 0xAB));
+    }
+
+    #[test]
+    fn records_match_their_objects() {
+        let record = |file: &str, valid: Option<u64>| WalRecord {
+            file: file.into(),
+            system_identifier: "1".into(),
+            plain_len: 0,
+            plain_blake3: String::new(),
+            stored_len: 0,
+            stored_blake3: String::new(),
+            prev: None,
+            valid_bytes: valid,
+            history: None,
+            source: "stream".into(),
+            created_at: chrono::Utc::now(),
+            descriptor_generation: 1,
+        };
+        let seg = "000000010000000000000005";
+        assert!(check_record(&record(seg, None), seg, "k").is_ok());
+        assert!(check_record(&record(seg, Some(8192)), &format!("{seg}.streaming"), "k").is_ok());
+        // A complete segment put in place of a streaming copy, and the reverse.
+        assert!(check_record(&record(seg, None), &format!("{seg}.streaming"), "k").is_err());
+        assert!(check_record(&record(seg, Some(8192)), seg, "k").is_err());
+        assert!(check_record(&record("000000010000000000000006", None), seg, "k").is_err());
     }
 }

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
 use walvault::storage::s3::{ChecksumMode, S3Options};
 
+#[allow(unused_imports)] // the reader keys are for tests that use them, not every test binary
 pub use weed::{ACCESS_KEY, READER_ACCESS_KEY, READER_SECRET_KEY, SECRET_KEY};
 
 const REGION: &str = "us-east-1";

@@ -1,0 +1,330 @@
+#!/usr/bin/env bash
+# WAL benchmark: walvault archive-push next to pgBackRest's (Debian's package),
+# on the same real 16 MiB WAL segments (pgbench), repositories on local disk,
+# zstd level 3 for both.
+#
+#   latency   archive-push of one segment at a time, no backlog: per-call wall time
+#   backlog   N segments waiting as .ready files, pushed by a loop that plays
+#             PostgreSQL's archiver (one call per segment, in order, .ready ->
+#             .done on success): segments/s
+#   sync      commit latency of a single-client pgbench with walvault as the
+#             synchronous standby (wal.synchronous), next to no synchronous
+#             standby and to pg_receivewal --synchronous writing to local disk
+#
+#   scripts/bench-wal.sh [--segments N] [--only latency,backlog,sync] [--keep]
+#
+# walvault always compresses, encrypts (age) and signs; pgBackRest is run
+# without encryption (its default) and with repo1-cipher-type=aes-256-cbc.
+# The cluster and the segments live on tmpfs (/dev/shm) so that reading them
+# costs both tools the same and nothing; repositories and spools are on local
+# disk (/tmp), where the fsyncs count.
+# Results: a table on stdout, also written to bench-results/wal-<time>.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+
+SEGMENTS=100
+LATENCY_RUNS=${LATENCY_RUNS:-20}
+ONLY="latency,backlog,sync"
+KEEP=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --segments) SEGMENTS=$2; shift 2 ;;
+    --only) ONLY=$2; shift 2 ;;
+    --keep) KEEP=1; shift ;;
+    *) echo "usage: scripts/bench-wal.sh [--segments N] [--only latency,backlog,sync] [--keep]" >&2; exit 2 ;;
+  esac
+done
+want() { case ",$ONLY," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
+say() { printf '== %s\n' "$*" >&2; }
+
+PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+missing=()
+command -v pgbackrest >/dev/null || missing+=(pgbackrest)
+command -v bc >/dev/null || missing+=(bc)
+[ -x "$PGBIN/postgres" ] || missing+=(postgresql-15)
+if [ ${#missing[@]} -gt 0 ]; then
+  say "installing ${missing[*]}"
+  as_root apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+say "building walvault (release)"
+cargo build --release --quiet
+W=/dev/shm/walvault-bench-wal
+[ -d /dev/shm ] || W=/tmp/walvault-bench-wal-data
+R=/tmp/walvault-bench-wal
+PORT=55433
+PG() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+cleanup() {
+  for d in $W/pg $W/fake; do
+    [ -f "$d/postmaster.pid" ] && PG "$PGBIN/pg_ctl" -D "$d" stop -m immediate >/dev/null 2>&1 || true
+  done
+  [ -n "${RECEIVER:-}" ] && kill "$RECEIVER" 2>/dev/null || true
+  [ -n "${STREAMER:-}" ] && kill "$STREAMER" 2>/dev/null || true
+  [ "${1:-}" = start ] || [ "$KEEP" = 0 ] && rm -rf $W $R
+  return 0
+}
+cleanup start
+trap cleanup EXIT
+mkdir -p $W/segs $R
+cp target/release/walvault $W/walvault
+chmod 755 $W $W/walvault
+chown postgres $W $W/segs $R 2>/dev/null || true
+PSQL() { PG "$PGBIN/psql" -X -Atq -h $W -p $PORT -U postgres -d postgres -c "$1"; }
+ms() { date +%s%N | cut -b1-13; }
+
+# --- the cluster and its WAL ------------------------------------------------
+say "creating a PostgreSQL 15 cluster and $SEGMENTS+ WAL segments (pgbench)"
+PG "$PGBIN/initdb" -k -A trust -U postgres -D $W/pg >/dev/null
+cat >> $W/pg/postgresql.conf <<EOF
+port = $PORT
+unix_socket_directories = '$W'
+listen_addresses = ''
+shared_buffers = 128MB
+max_wal_size = 512MB
+archive_mode = on
+archive_command = 'cp %p $W/segs/%f'
+EOF
+PG "$PGBIN/pg_ctl" -D $W/pg -l $W/pg.log -w start >/dev/null
+PG "$PGBIN/pgbench" -h $W -p $PORT -U postgres -i -s 10 -q postgres >/dev/null 2>&1
+nsegs() { find $W/segs -name '????????????????????????' | wc -l; }
+while [ "$(nsegs)" -lt $((SEGMENTS + 10)) ]; do
+  PG "$PGBIN/pgbench" -h $W -p $PORT -U postgres -n -c 4 -j 2 -T 5 postgres >/dev/null 2>&1
+done
+SYSID=$(PSQL "select system_identifier from pg_control_system()")
+
+# walvault: keys, configuration, an initialized repository as a template.
+PG $W/walvault keygen --out $W/keys > $W/keygen.txt
+REC=$(sed -n 's/^recipients = \["\(.*\)"\]/\1/p' $W/keygen.txt)
+PUB=$(sed -n 's/^public_key = "\(.*\)"/\1/p' $W/keygen.txt)
+wv_config() { # repo dir, spool dir, push_parallel
+  cat > $W/walvault.toml <<EOF
+[postgres]
+conninfo = "host=$W port=$PORT user=postgres"
+[repository]
+url = "file://$1"
+[encryption]
+recipients = ["$REC"]
+identity_file = "$W/keys/restore.key"
+[signing]
+key_file = "$W/keys/agent.key"
+public_key = "$PUB"
+[compression]
+level = 3
+[wal]
+spool_dir = "$2"
+push_parallel = $3
+EOF
+  chmod 600 $W/walvault.toml
+  chown postgres $W/walvault.toml 2>/dev/null || true
+}
+wv_config $R/wv-template $R/wv-spool 4
+PG $W/walvault --config $W/walvault.toml -q init >/dev/null
+
+# pgBackRest: stanzas (plain and encrypted) created against the running cluster, as templates.
+br_config() { # name, repo dir, async y|n, cipher y|n
+  local cipher=""
+  [ "$4" = y ] && cipher=$'repo1-cipher-type=aes-256-cbc\nrepo1-cipher-pass=bench-not-a-secret'
+  cat > $W/pgbackrest-$1.conf <<EOF
+[global]
+repo1-path=$2
+$cipher
+compress-type=zst
+compress-level=3
+process-max=2
+archive-async=$3
+spool-path=$R/pgbr-spool-$1
+log-path=$R/pgbr-log
+lock-path=$R/pgbr-lock-$1
+log-level-console=warn
+log-level-file=off
+[bench]
+pg1-path=$W/fake
+pg1-port=$PORT
+pg1-socket-path=$W
+EOF
+  chown postgres $W/pgbackrest-$1.conf 2>/dev/null || true
+}
+mkdir -p $R/pgbr-log
+chown -R postgres $W $R
+for c in n y; do
+  br_config tpl-$c $R/br-template-$c n $c
+  sed -i "s|pg1-path=.*|pg1-path=$W/pg|" $W/pgbackrest-tpl-$c.conf
+  PG pgbackrest --config=$W/pgbackrest-tpl-$c.conf --stanza=bench stanza-create >/dev/null
+done
+PG "$PGBIN/pg_ctl" -D $W/pg -w stop -m fast >/dev/null
+
+# A stopped copy of the cluster whose pg_wal holds the segments as .ready:
+# what an archive backlog looks like to both tools.
+ALL=$(cd $W/segs && ls | grep -E '^[0-9A-F]{24}$' | sort | head -n $((SEGMENTS + 10)))
+LAT_SEGS=$(echo "$ALL" | head -n $LATENCY_RUNS)
+BACKLOG_SEGS=$(echo "$ALL" | tail -n $SEGMENTS)
+fresh_fake() {
+  rm -rf $W/fake
+  PG mkdir -p $W/fake
+  (cd $W/pg && tar --exclude=./pg_wal -cf - .) | PG tar -C $W/fake -xf -
+  PG mkdir -p $W/fake/pg_wal/archive_status
+  for s in $BACKLOG_SEGS; do
+    PG ln $W/segs/$s $W/fake/pg_wal/$s
+    PG touch $W/fake/pg_wal/archive_status/$s.ready
+  done
+}
+fresh_repos() {
+  rm -rf $R/wv-repo $R/wv-spool $R/br-repo $R/pgbr-spool-* $R/pgbr-lock-*
+  cp -a $R/wv-template $R/wv-repo
+  PG mkdir -p $R/wv-spool
+  chown -R postgres $R/wv-repo
+}
+
+# The archiver's loop, run as the postgres user in the data directory:
+# archive_command per .ready segment in order; .done on success. Prints the
+# wall time of each call in ms, then the total.
+cat > $W/archiver.sh <<'EOF'
+#!/usr/bin/env bash
+# archiver.sh COMMAND... (the segment path is appended)
+set -u
+ms() { date +%s%N | cut -b1-13; }
+start=$(ms)
+for ready in $(ls pg_wal/archive_status | grep '\.ready$' | sort); do
+  seg=${ready%.ready}
+  until t0=$(ms); "$@" "pg_wal/$seg" >>"$ARCHIVER_LOG" 2>&1; do sleep 0.1; done
+  echo "call $(( $(ms) - t0 ))"
+  mv "pg_wal/archive_status/$seg.ready" "pg_wal/archive_status/$seg.done"
+done
+echo "total $(( $(ms) - start ))"
+EOF
+chmod 755 $W/archiver.sh
+
+RESULTS=()
+row() { RESULTS+=("$*"); }
+# `drive NAME COMMAND...`: runs the archiver loop over the backlog; sets DRIVE_TOTAL (ms).
+drive() {
+  local name=$1; shift
+  (cd $W/fake && PG env ARCHIVER_LOG=$W/archiver-$name.log $W/archiver.sh "$@") > $W/calls-$name.txt
+  DRIVE_TOTAL=$(sed -n 's/^total //p' $W/calls-$name.txt)
+}
+stats() { # file of "call N" lines -> "mean median p95" in ms
+  grep '^call ' "$1" | awk '{print $2}' | sort -n | awk '{a[NR]=$1; s+=$1} END {printf "%.0f %.0f %.0f\n", s/NR, a[int((NR+1)/2)], a[int(NR*0.95+0.5)]}'
+}
+rate() { echo "scale=1; $SEGMENTS * 1000 / $1" | bc; }
+
+WV="$W/walvault --config $W/walvault.toml -q archive-push"
+BR_SYNC="pgbackrest --config=$W/pgbackrest-sync.conf --stanza=bench archive-push"
+BR_ASYNC="pgbackrest --config=$W/pgbackrest-async.conf --stanza=bench archive-push"
+BR_ASYNC_AES="pgbackrest --config=$W/pgbackrest-async-aes.conf --stanza=bench archive-push"
+BR_SYNC_AES="pgbackrest --config=$W/pgbackrest-sync-aes.conf --stanza=bench archive-push"
+br_config sync $R/br-repo n n
+br_config async $R/br-repo y n
+br_config sync-aes $R/br-repo n y
+br_config async-aes $R/br-repo y y
+br_repo() { rm -rf $R/br-repo; cp -a $R/br-template-$1 $R/br-repo; chown -R postgres $R/br-repo; }
+
+# --- latency: one segment at a time, nothing else waiting --------------------
+if want latency; then
+  say "latency: $LATENCY_RUNS segments pushed one at a time"
+  lat() { # name, repo-kind, command
+    local name=$1 kind=$2; shift 2
+    fresh_repos; br_repo $kind
+    rm -rf $W/fake; fresh_fake
+    rm -f $W/fake/pg_wal/archive_status/*.ready $W/fake/pg_wal/0*
+    : > $W/lat-$name.txt
+    for s in $LAT_SEGS; do
+      PG ln $W/segs/$s $W/fake/pg_wal/$s
+      PG touch $W/fake/pg_wal/archive_status/$s.ready
+      local t0; t0=$(ms)
+      (cd $W/fake && PG "$@" pg_wal/$s >>$W/archiver-$name.log 2>&1)
+      echo "call $(( $(ms) - t0 ))" >> $W/lat-$name.txt
+      PG mv $W/fake/pg_wal/archive_status/$s.ready $W/fake/pg_wal/archive_status/$s.done
+    done
+    read -r mean median p95 < <(stats $W/lat-$name.txt)
+    echo "$mean $median $p95"
+  }
+  wv_config $R/wv-repo $R/wv-spool 4
+  read -r wv_mean wv_med wv_p95 < <(lat wv n $WV)
+  read -r br_mean br_med br_p95 < <(lat br n $BR_SYNC)
+  read -r bra_mean bra_med bra_p95 < <(lat bra y $BR_SYNC_AES)
+  row "| latency per 16 MiB segment, mean (median, p95) | $wv_mean ms ($wv_med, $wv_p95) | $br_mean ms ($br_med, $br_p95) | $bra_mean ms ($bra_med, $bra_p95) | $(echo "scale=2; $br_mean / $wv_mean" | bc)x faster |"
+fi
+
+# --- backlog: N .ready segments, the archiver loop ---------------------------
+if want backlog; then
+  say "backlog: $SEGMENTS segments waiting"
+  fresh_repos; fresh_fake; wv_config $R/wv-repo $R/wv-spool 4
+  drive wv4 $WV; wv4=$DRIVE_TOTAL
+  fresh_repos; fresh_fake; wv_config $R/wv-repo $R/wv-spool 1
+  drive wv1 $WV; wv1=$DRIVE_TOTAL
+  wv_config $R/wv-repo $R/wv-spool 4
+  fresh_repos; fresh_fake; br_repo n
+  drive brs $BR_SYNC; brs=$DRIVE_TOTAL
+  fresh_repos; fresh_fake; br_repo n
+  drive bra $BR_ASYNC; bra=$DRIVE_TOTAL
+  fresh_repos; fresh_fake; br_repo y
+  drive brsa $BR_SYNC_AES; brsa=$DRIVE_TOTAL
+  fresh_repos; fresh_fake; br_repo y
+  drive braa $BR_ASYNC_AES; braa=$DRIVE_TOTAL
+  row "| backlog of $SEGMENTS, synchronous (segments/s) | $(rate $wv1) (push_parallel = 1) | $(rate $brs) | $(rate $brsa) | $(echo "scale=2; $brs / $wv1" | bc)x |"
+  row "| backlog of $SEGMENTS, parallel (segments/s) | $(rate $wv4) (push_parallel = 4) | $(rate $bra) (async, process-max 2) | $(rate $braa) (async) | $(echo "scale=2; $bra / $wv4" | bc)x |"
+fi
+
+# --- sync: commit latency with walvault as the synchronous standby ----------
+if want sync; then
+  say "sync: commit latency, single client"
+  rm -rf $W/fake
+  PG "$PGBIN/pg_ctl" -D $W/pg -l $W/pg.log -w start -o "-c archive_mode=off" >/dev/null
+  bench_tps() { # -> "latency_ms tps"
+    PG "$PGBIN/pgbench" -h $W -p $PORT -U postgres -n -c 1 -T 10 postgres 2>/dev/null |
+      awk '/latency average/ {l=$4} /^tps/ {t=$3} END {print l, t}'
+  }
+  read -r none_lat none_tps < <(bench_tps)
+  fresh_repos
+  cat >> $W/walvault.toml <<EOF
+synchronous = true
+EOF
+  sed -i 's/^\[postgres\]/[postgres]\napplication_name = "walvault"/' $W/walvault.toml
+  PSQL "alter system set synchronous_standby_names = 'walvault'" >/dev/null
+  PSQL "select pg_reload_conf()" >/dev/null
+  PG $W/walvault --config $W/walvault.toml -q stream >$W/stream.log 2>&1 &
+  STREAMER=$!
+  until [ "$(PSQL "select sync_state from pg_stat_replication where application_name = 'walvault'")" = sync ]; do sleep 0.2; done
+  read -r wv_lat wv_tps < <(bench_tps)
+  kill $STREAMER; wait $STREAMER 2>/dev/null || true; STREAMER=
+  PSQL "alter system set synchronous_standby_names = 'pg_receivewal'" >/dev/null
+  PSQL "select pg_reload_conf()" >/dev/null
+  PG mkdir -p $R/receivewal
+  PG "$PGBIN/pg_receivewal" -h $W -p $PORT -U postgres -D $R/receivewal --synchronous --slot=bench_rw --create-slot >/dev/null 2>&1 || true
+  PG "$PGBIN/pg_receivewal" -h $W -p $PORT -U postgres -D $R/receivewal --synchronous --slot=bench_rw >$W/receivewal.log 2>&1 &
+  RECEIVER=$!
+  until [ "$(PSQL "select sync_state from pg_stat_replication where application_name = 'pg_receivewal'")" = sync ]; do sleep 0.2; done
+  read -r rw_lat rw_tps < <(bench_tps)
+  kill $RECEIVER; wait $RECEIVER 2>/dev/null || true; RECEIVER=
+  PSQL "alter system reset synchronous_standby_names" >/dev/null
+  PG "$PGBIN/pg_ctl" -D $W/pg -w stop -m fast >/dev/null
+  SYNC_ROWS=(
+    "| no synchronous standby | $none_lat | $none_tps |"
+    "| walvault stream, wal.synchronous (file repository) | $wv_lat | $wv_tps |"
+    "| pg_receivewal --synchronous (local directory) | $rw_lat | $rw_tps |"
+  )
+fi
+
+# --- report -------------------------------------------------------------------
+mkdir -p bench-results
+OUT=bench-results/wal-$(date -u +%Y%m%dT%H%M%SZ).md
+{
+  echo "# WAL: walvault vs pgBackRest $(pgbackrest version | awk '{print $2}'), PostgreSQL 15, 16 MiB segments, $(nproc) cores, repositories on local disk"
+  echo
+  if [ ${#RESULTS[@]} -gt 0 ]; then
+    echo "| archive-push | walvault (zstd 3, age, signed) | pgBackRest (zstd 3) | pgBackRest (zstd 3, aes-256-cbc) | walvault vs pgBackRest |"
+    echo "|---|---|---|---|---|"
+    printf '%s\n' "${RESULTS[@]}"
+    echo
+    echo "Ratios: pgBackRest's time over walvault's (latency), walvault's rate over pgBackRest's (backlog), unencrypted pgBackRest."
+  fi
+  if [ -n "${SYNC_ROWS+x}" ]; then
+    echo
+    echo "| pgbench, 1 client, 10 s | latency (ms) | tps |"
+    echo "|---|---|---|"
+    printf '%s\n' "${SYNC_ROWS[@]}"
+  fi
+} | tee "$OUT"
