@@ -276,35 +276,4 @@ mod tests {
         assert_eq!(parse_server_version(""), None);
         assert_eq!(parse_server_version("devel"), None);
     }
-    pub fn server_version_num(&self) -> u32 {
-        todo!()
-    }
-    pub fn parameter(&self, _name: &str) -> Option<&str> {
-        todo!()
-    }
-    pub async fn identify_system(&mut self) -> Result<SystemInfo, PgError> {
-        todo!()
-    }
-    pub async fn show(&mut self, _name: &str) -> Result<String, PgError> {
-        todo!()
-    }
-    pub async fn simple_query(&mut self, _sql: &str) -> Result<Vec<ResultSet>, PgError> {
-        todo!()
-    }
-    pub async fn send_query(&mut self, _sql: &str) -> Result<(), PgError> {
-        todo!()
-    }
-    pub async fn next_message(&mut self) -> Result<BackendMessage, PgError> {
-        todo!()
-    }
-    pub async fn send_copy_data(&mut self, _data: &[u8]) -> Result<(), PgError> {
-        todo!()
-    }
-    pub async fn send_copy_done(&mut self) -> Result<(), PgError> {
-        todo!()
-    }
-    pub async fn flush(&mut self) -> Result<(), PgError> {
-        todo!()
-    }
-    pub async fn close(self) {}
 }
