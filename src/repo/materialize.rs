@@ -5,6 +5,11 @@
 //! every chunk is checked against its keyed identifier before it is written.
 //! Each file's blake3 is recomputed and compared. `global/pg_control` is written
 //! last, so an interrupted restore never looks like a startable cluster.
+//!
+//! Tablespaces go to their original locations or where `tablespace_map` (the
+//! option) puts them: the `pg_tblspc/<oid>` links are created, and the
+//! backup's `tablespace_map` file, from which PostgreSQL recreates those links
+//! when it starts, is rewritten for the tablespaces that moved.
 
 use std::collections::HashMap;
 use std::os::unix::fs::{FileExt, PermissionsExt};
@@ -44,6 +49,9 @@ pub struct MaterializeOptions {
     /// Check everything (blobs, chunk ids, file checksums) but write nothing
     /// (`verify --deep`).
     pub verify_only: bool,
+    /// Empty `dest` first (restore --force), once the tablespace directories
+    /// are known to be usable.
+    pub clear_dest: bool,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -89,6 +97,7 @@ pub async fn materialize(
 
     let mut stats = MaterializeStats::default();
     let mut roots: HashMap<u32, PathBuf> = HashMap::new();
+    let original: HashMap<u32, String> = reader.header.tablespaces.iter().map(|t| (t.oid, t.location.clone())).collect();
     for ts in &reader.header.tablespaces {
         let dir = opts.tablespace_map.get(&ts.oid).cloned().unwrap_or_else(|| PathBuf::from(&ts.location));
         if !opts.verify_only {
@@ -103,7 +112,13 @@ pub async fn materialize(
         }
     }
     if !opts.verify_only {
+        if opts.clear_dest {
+            clear_dir(&opts.dest)?;
+        }
         create_dir(&opts.dest, 0o700, opts.owner)?;
+        for (oid, root) in &stats.tablespaces {
+            create_dir(root, 0o700, opts.owner).with_context(|| format!("tablespace {oid}"))?;
+        }
     }
 
     let shared = Arc::new(Shared {
@@ -123,15 +138,23 @@ pub async fn materialize(
     let mut bundle: Vec<(PathBuf, FileEntry)> = Vec::new();
     let mut bundle_bytes = 0;
     let mut pg_control = None;
+    let mut has_tablespace_map = false;
     for entry in reader {
         let entry = entry?;
+        has_tablespace_map |= entry.path == "tablespace_map" && entry.kind == FileKind::File;
         let path = target_path(&opts.dest, &roots, &entry.path)?;
         match entry.kind {
             FileKind::Dir | FileKind::Symlink if opts.verify_only => {}
+            FileKind::Dir if roots.values().any(|r| *r == path) => {}
             FileKind::Dir => create_dir(&path, entry.mode, opts.owner)?,
             FileKind::Symlink => {
-                let target = entry.target.clone().unwrap_or_default();
-                std::os::unix::fs::symlink(&target, &path).with_context(|| format!("cannot create link {}", path.display()))?;
+                // A tablespace link (servers that send links rather than a
+                // tablespace_map) points at wherever the tablespace goes now.
+                let (path, target) = match tablespace_link(&opts.dest, &roots, &entry.path) {
+                    Some(link) => link,
+                    None => (path, PathBuf::from(entry.target.clone().unwrap_or_default())),
+                };
+                symlink(&target, &path, opts.owner)?;
             }
             FileKind::File => {
                 stats.files += 1;
@@ -172,6 +195,18 @@ pub async fn materialize(
     for r in results {
         r?;
     }
+    if !opts.verify_only && !roots.is_empty() {
+        link_tablespaces(&opts.dest, &reader_tablespaces(&roots), opts.owner)?;
+        if has_tablespace_map {
+            let moved: Vec<(u32, &Path)> = reader_tablespaces(&roots)
+                .into_iter()
+                .filter(|(oid, dir)| original.get(oid).is_none_or(|o| Path::new(o) != *dir))
+                .collect();
+            if !moved.is_empty() {
+                rewrite_tablespace_map(&opts.dest.join("tablespace_map"), &roots, opts.owner)?;
+            }
+        }
+    }
     let (path, entry) = pg_control.ok_or_else(|| bad_manifest(manifest, "no global/pg_control in the backup"))?;
     write_file(&shared, &path, &entry).await?;
     let _ = std::fs::remove_file(&plain);
@@ -195,6 +230,71 @@ fn target_path(dest: &Path, roots: &HashMap<u32, PathBuf>, rel: &str) -> Result<
         }
     }
     Ok(dest.join(rel))
+}
+
+/// The link `pg_tblspc/<oid>` and where it points, for a tablespace link member.
+fn tablespace_link(dest: &Path, roots: &HashMap<u32, PathBuf>, rel: &str) -> Option<(PathBuf, PathBuf)> {
+    let oid: u32 = rel.strip_prefix("pg_tblspc/")?.parse().ok()?;
+    Some((dest.join(rel), roots.get(&oid)?.clone()))
+}
+
+fn reader_tablespaces(roots: &HashMap<u32, PathBuf>) -> Vec<(u32, &Path)> {
+    let mut v: Vec<(u32, &Path)> = roots.iter().map(|(o, p)| (*o, p.as_path())).collect();
+    v.sort();
+    v
+}
+
+/// Creates (or replaces) the `pg_tblspc/<oid>` links, as pg_basebackup does
+/// for a plain-format backup, so the directory is complete before PostgreSQL
+/// ever starts (pg_verifybackup follows these links).
+fn link_tablespaces(dest: &Path, tablespaces: &[(u32, &Path)], owner: Option<(u32, u32)>) -> Result<()> {
+    let dir = dest.join("pg_tblspc");
+    if !dir.exists() {
+        create_dir(&dir, 0o700, owner)?;
+    }
+    for (oid, root) in tablespaces {
+        let link = dir.join(oid.to_string());
+        if std::fs::symlink_metadata(&link).is_ok() {
+            std::fs::remove_file(&link).with_context(|| format!("cannot replace {}", link.display()))?;
+        }
+        symlink(root, &link, owner)?;
+    }
+    Ok(())
+}
+
+/// Writes `tablespace_map` with the tablespaces' new directories, in the
+/// server's format: `<oid> <path>` per line, with `\`, `\n` and `\r` in the
+/// path escaped by a backslash.
+fn rewrite_tablespace_map(path: &Path, roots: &HashMap<u32, PathBuf>, owner: Option<(u32, u32)>) -> Result<()> {
+    let mut text = String::new();
+    for (oid, root) in reader_tablespaces(roots) {
+        let mut escaped = String::new();
+        for c in root.to_string_lossy().chars() {
+            if matches!(c, '\\' | '\n' | '\r') {
+                escaped.push('\\');
+            }
+            escaped.push(c);
+        }
+        text.push_str(&format!("{oid} {escaped}\n"));
+    }
+    crate::util::write_file_atomic(path, text.as_bytes(), 0o600).with_context(|| format!("cannot write {}", path.display()))?;
+    chown(path, owner)
+}
+
+fn symlink(target: &Path, link: &Path, owner: Option<(u32, u32)>) -> Result<()> {
+    std::os::unix::fs::symlink(target, link).with_context(|| format!("cannot create link {}", link.display()))?;
+    chown(link, owner)
+}
+
+/// Empties a directory (restore --force).
+fn clear_dir(dir: &Path) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Ok(()) };
+    for e in entries.flatten() {
+        let p = e.path();
+        let r = if e.file_type().map(|t| t.is_dir()).unwrap_or(false) { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+        r.with_context(|| format!("--force: cannot remove {}", p.display()))?;
+    }
+    Ok(())
 }
 
 fn check_empty_dir(dir: &Path) -> Result<()> {

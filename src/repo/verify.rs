@@ -454,6 +454,7 @@ async fn deep_backup(ctx: &Ctx<'_>, b: &BackupManifest, opener: &Opener, paralle
         owner: None,
         progress: None,
         verify_only: true,
+        clear_dest: false,
     };
     let result = super::materialize::materialize(ctx.store, ctx.desc, opener, b, &opts).await.map_err(|e| match e.root() {
         crate::Error::Repo(RepoError::Integrity { object, message }) => problem("plaintext_mismatch", object.clone(), message.clone()),
