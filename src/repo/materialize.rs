@@ -30,6 +30,9 @@ use crate::storage::{self, Store};
 
 /// Bytes fetched in one ranged get at most (adjacent blobs are coalesced).
 const FETCH_MAX: u64 = 4 << 20;
+/// Raw (decompressed) bytes of one fetch group at most: table data compresses
+/// 10-20x, so this, not FETCH_MAX, bounds the memory a decoded group takes.
+const GROUP_RAW_MAX: u64 = 4 << 20;
 /// Files smaller than this are written in bundles by one task.
 const SMALL_FILE: u64 = 1 << 20;
 const BUNDLE_BYTES: u64 = 8 << 20;
@@ -358,6 +361,7 @@ struct FetchGroup {
     pack: u32,
     start: u64,
     end: u64,
+    raw: u64,
     runs: Vec<BlobRun>,
 }
 
@@ -365,14 +369,19 @@ fn fetch_groups(runs: &[BlobRun]) -> Vec<FetchGroup> {
     let mut out: Vec<FetchGroup> = Vec::new();
     for run in runs {
         let end = run.o + run.l as u64;
+        let raw: u64 = run.c.iter().map(|c| c.2 as u64).sum();
         match out.last_mut() {
             Some(g)
-                if g.pack == run.p && (run.o == g.end || (run.o >= g.start && end <= g.end)) && end.max(g.end) - g.start <= FETCH_MAX =>
+                if g.pack == run.p
+                    && (run.o == g.end || (run.o >= g.start && end <= g.end))
+                    && end.max(g.end) - g.start <= FETCH_MAX
+                    && g.raw + raw <= GROUP_RAW_MAX =>
             {
                 g.end = g.end.max(end);
+                g.raw += raw;
                 g.runs.push(run.clone());
             }
-            _ => out.push(FetchGroup { pack: run.p, start: run.o, end, runs: vec![run.clone()] }),
+            _ => out.push(FetchGroup { pack: run.p, start: run.o, end, raw, runs: vec![run.clone()] }),
         }
     }
     out
@@ -404,14 +413,19 @@ async fn write_file(shared: &Arc<Shared>, path: &Path, entry: &FileEntry) -> Res
     let mut hasher = FileHasher::new();
     let mut offset = 0u64;
     let groups = fetch_groups(&entry.blobs);
+    // Decoding runs in tasks of its own: a decode that holds a CPU-pool permit
+    // must finish (and give it back) even while this loop waits for the pool
+    // to write the previous group; polled only from here, it would not, and
+    // files waiting on each other's permits would deadlock.
     let mut decoded = futures::stream::iter(groups)
         .map(|g| {
             let shared = shared.clone();
-            async move { decode_group(&shared, g).await }
+            tokio::spawn(async move { decode_group(&shared, g).await })
         })
         .buffered(2);
     // Chaining values depend on the file offset, so they are computed here in order.
     while let Some(group) = decoded.next().await {
+        let group = group.map_err(|e| Error::failed(format!("restoring {}: decoding task failed: {e}", entry.path)))?;
         let group = group.with_context(|| format!("restoring {}", entry.path))?;
         let file = file.clone();
         let start = offset;
@@ -517,4 +531,28 @@ async fn decode_group(shared: &Arc<Shared>, g: FetchGroup) -> Result<Decoded> {
             Ok(Decoded { chunks })
         })
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(p: u32, o: u64, l: u32, raw_chunks: usize) -> BlobRun {
+        BlobRun { p, o, l, h: String::new(), c: (0..raw_chunks).map(|_| (0, 0, CHUNK_SIZE as u32, String::new())).collect() }
+    }
+
+    #[test]
+    fn fetch_groups_coalesce_adjacent_blobs_within_bounds() {
+        // Adjacent blobs of one pack: one group; another pack: a new group.
+        let g = fetch_groups(&[run(0, 0, 100, 1), run(0, 100, 100, 1), run(1, 200, 100, 1)]);
+        assert_eq!(g.iter().map(|g| (g.pack, g.start, g.end, g.runs.len())).collect::<Vec<_>>(), vec![(0, 0, 200, 2), (1, 200, 300, 1)]);
+        // A second run in the same blob joins its group.
+        assert_eq!(fetch_groups(&[run(0, 0, 100, 1), run(0, 0, 100, 1)]).len(), 1);
+        // Well-compressed blobs: the raw size, not the stored size, ends a group.
+        let runs: Vec<BlobRun> = (0..40).map(|i| run(0, i * 1000, 1000, 16)).collect();
+        let groups = fetch_groups(&runs);
+        assert!(groups.iter().all(|g| g.raw <= GROUP_RAW_MAX), "decoded groups stay bounded");
+        assert_eq!(groups.iter().map(|g| g.runs.len()).sum::<usize>(), 40);
+        assert!(groups.len() >= 10);
+    }
 }
