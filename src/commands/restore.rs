@@ -17,7 +17,7 @@ use crate::pg::server::{LocalServer, binary_major, find_program, free_port, owne
 use crate::pg::{TimelineId, WalSegmentName};
 use crate::repo::catalog::{Catalog, Window};
 use crate::repo::manifest::BackupManifest;
-use crate::repo::materialize::{MaterializeOptions, materialize};
+use crate::repo::materialize::{MaterializeOptions, prepare, write};
 
 pub async fn run(ctx: &Ctx, args: &RestoreArgs) -> Result<i32> {
     let target = parse_target(args)?;
@@ -78,9 +78,16 @@ pub async fn run(ctx: &Ctx, args: &RestoreArgs) -> Result<i32> {
         verify_only: false,
         clear_dest: args.force,
     };
-    let stats = materialize(&store, &desc, &opener, &backup, &opts).await;
+    // Refusals while preparing (a tablespace directory in use) leave the
+    // directory untouched; failures while writing leave it incomplete.
+    let stats = match prepare(&store, &desc, &opener, &backup, &opts).await {
+        Ok(prepared) => write(prepared, &store, &opener, &backup, &opts)
+            .await
+            .context("restore failed; the data directory is incomplete and must not be started"),
+        Err(e) => Err(e.context("nothing was written")),
+    };
     let _ = std::fs::remove_dir_all(&spool);
-    let stats = stats.context("restore failed; the data directory is incomplete and must not be started")?;
+    let stats = stats?;
     if let Some(sm) = &backup.server_manifest {
         write_server_manifest(&store, &opener, sm, &pgdata.join("backup_manifest"), owner).await?;
     }
@@ -279,6 +286,14 @@ fn refuse(message: String, hint: impl Into<String>) -> Error {
 /// before the target, on the target timeline's history, with unbroken WAL up to
 /// the target. Every refusal names the window or the missing segment.
 pub fn choose(catalog: &Catalog, target: &RecoveryTarget, timeline: &TargetTimeline, forced: Option<&str>) -> Result<Plan> {
+    if let Some(id) = forced.filter(|id| catalog.backup(id).is_none()) {
+        let why = if catalog.incomplete.iter().any(|i| i == id) {
+            "it was interrupted before its manifest was written, so it does not exist as a backup"
+        } else {
+            "see `walvault info` for the backups there are"
+        };
+        return Err(Error::Usage(format!("no backup {id} in the repository: {why}")));
+    }
     if catalog.backups.is_empty() {
         return Err(refuse("the repository has no backup".into(), "take one with `walvault backup`"));
     }

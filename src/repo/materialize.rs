@@ -77,6 +77,19 @@ struct Shared {
     verify_only: bool,
 }
 
+/// A backup ready to be written: its file list fetched and opened, and the
+/// tablespace directories checked. Nothing has been written yet, so a refusal
+/// up to here leaves the destination as it was.
+pub struct Prepared {
+    chunk_key: [u8; 32],
+    files_list: PathBuf,
+    plain: PathBuf,
+    reader: FilesReader<std::io::BufReader<std::fs::File>>,
+    roots: HashMap<u32, PathBuf>,
+    original: HashMap<u32, String>,
+    stats: MaterializeStats,
+}
+
 pub async fn materialize(
     store: &Store,
     desc: &LoadedDescriptor,
@@ -84,6 +97,18 @@ pub async fn materialize(
     manifest: &BackupManifest,
     opts: &MaterializeOptions,
 ) -> Result<MaterializeStats> {
+    let prepared = prepare(store, desc, opener, manifest, opts).await?;
+    write(prepared, store, opener, manifest, opts).await
+}
+
+/// Fetches and opens the file list and checks the tablespace directories.
+pub async fn prepare(
+    store: &Store,
+    desc: &LoadedDescriptor,
+    opener: &Opener,
+    manifest: &BackupManifest,
+    opts: &MaterializeOptions,
+) -> Result<Prepared> {
     let chunk_key = desc.descriptor.chunk_key(opener).context("cannot read the chunk key from the descriptor (wrong identity?)")?;
     std::fs::create_dir_all(&opts.spool).with_context(|| format!("cannot create {}", opts.spool.display()))?;
     let files_list = fetch_verified(store, &manifest.files, &opts.spool.join("files.sealed")).await?;
@@ -101,6 +126,15 @@ pub async fn materialize(
     let mut stats = MaterializeStats::default();
     let mut roots: HashMap<u32, PathBuf> = HashMap::new();
     let original: HashMap<u32, String> = reader.header.tablespaces.iter().map(|t| (t.oid, t.location.clone())).collect();
+    for oid in opts.tablespace_map.keys() {
+        if !original.contains_key(oid) {
+            let known: Vec<String> = original.iter().map(|(o, l)| format!("{o} ({l})")).collect();
+            return Err(Error::Usage(format!(
+                "--tablespace-map {oid}=...: the backup has no tablespace with OID {oid}; its tablespaces: {}",
+                if known.is_empty() { "none".to_string() } else { known.join(", ") }
+            )));
+        }
+    }
     for ts in &reader.header.tablespaces {
         let dir = opts.tablespace_map.get(&ts.oid).cloned().unwrap_or_else(|| PathBuf::from(&ts.location));
         if !opts.verify_only {
@@ -109,11 +143,18 @@ pub async fn materialize(
         roots.insert(ts.oid, dir.clone());
         stats.tablespaces.push((ts.oid, dir));
     }
-    for oid in opts.tablespace_map.keys() {
-        if !roots.contains_key(oid) {
-            return Err(Error::Usage(format!("--tablespace-map {oid}=...: the backup has no tablespace with OID {oid}")));
-        }
-    }
+    Ok(Prepared { chunk_key, files_list, plain, reader, roots, original, stats })
+}
+
+/// Writes a prepared backup into the destination (`pg_control` last).
+pub async fn write(
+    prepared: Prepared,
+    store: &Store,
+    opener: &Opener,
+    manifest: &BackupManifest,
+    opts: &MaterializeOptions,
+) -> Result<MaterializeStats> {
+    let Prepared { chunk_key, files_list, plain, reader, roots, original, mut stats } = prepared;
     if !opts.verify_only {
         if opts.clear_dest {
             clear_dir(&opts.dest)?;
