@@ -173,7 +173,7 @@ pub fn restore_and_keep(env: &Env, pg: &PgCluster, dir: &Path, args: &[&str]) ->
 /// markers.
 pub struct MarkerWriter {
     stop: Arc<AtomicBool>,
-    handle: Option<std::thread::JoinHandle<Vec<(String, i64)>>>,
+    handle: Option<std::thread::JoinHandle<Result<Vec<(String, i64)>, String>>>,
 }
 
 pub const MARKERS_DDL: &str = "create table markers(id bigint primary key, note text not null default 'm')";
@@ -190,21 +190,25 @@ impl MarkerWriter {
             rt.block_on(async move {
                 use walvault::pg::conn::{Connection, Mode};
                 let params = walvault::pg::conninfo::ConnParams::parse(&conninfo).unwrap();
-                let mut conn = Connection::connect(&params, Mode::Database).await.expect("connect the marker writer");
+                let mut conn = Connection::connect(&params, Mode::Database).await.map_err(|e| format!("connect: {e}"))?;
                 let mut points = Vec::new();
                 let mut id = first_id;
                 while !stop2.load(Ordering::SeqCst) {
-                    conn.simple_query(&format!("insert into markers(id, note) values ({id}, '{note}')")).await.expect("insert a marker");
+                    conn.simple_query(&format!("insert into markers(id, note) values ({id}, '{note}')"))
+                        .await
+                        .map_err(|e| format!("insert marker {id}: {e}"))?;
                     if restore_point_every.is_some_and(|n| (id - first_id + 1) % n as i64 == 0) {
                         let name = format!("rp_{id}");
-                        conn.simple_query(&format!("select pg_create_restore_point('{name}')")).await.expect("restore point");
+                        conn.simple_query(&format!("select pg_create_restore_point('{name}')"))
+                            .await
+                            .map_err(|e| format!("{name}: {e}"))?;
                         points.push((name, id));
                     }
                     id += 1;
                     tokio::time::sleep(every).await;
                 }
                 let _ = conn.close().await;
-                points
+                Ok(points)
             })
         });
         MarkerWriter { stop, handle: Some(handle) }
@@ -213,7 +217,13 @@ impl MarkerWriter {
     /// Stops; returns the restore points as (name, last marker id before it).
     pub fn finish(mut self) -> Vec<(String, i64)> {
         self.stop.store(true, Ordering::SeqCst);
-        self.handle.take().unwrap().join().expect("marker writer")
+        self.handle.take().unwrap().join().expect("marker writer").unwrap_or_else(|e| panic!("marker writer: {e}"))
+    }
+
+    /// Stops a writer whose server was killed (its last insert failed).
+    pub fn finish_after_crash(mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = self.handle.take().unwrap().join();
     }
 }
 
@@ -255,6 +265,11 @@ pub fn parse_time_us(s: &str) -> i64 {
 
 /// Commit record positions by transaction id, from pg_waldump over the source's pg_wal.
 pub fn commit_lsns(pg: &PgCluster, from: &str, to: &str) -> std::collections::HashMap<u64, String> {
+    commit_records(pg, from, to).into_iter().map(|(xid, (lsn, _))| (xid, lsn)).collect()
+}
+
+/// Commit records by transaction id: (start LSN as text, end LSN as a number).
+pub fn commit_records(pg: &PgCluster, from: &str, to: &str) -> std::collections::HashMap<u64, (String, u64)> {
     let out = pg
         .command("pg_waldump")
         .arg("-p")
@@ -269,13 +284,23 @@ pub fn commit_lsns(pg: &PgCluster, from: &str, to: &str) -> std::collections::Ha
             continue;
         }
         let field = |name: &str| line.split(name).nth(1).and_then(|r| r.split(',').next()).map(|s| s.trim().to_string());
-        if let (Some(tx), Some(lsn)) = (field("tx:"), field("lsn:")) {
-            map.insert(tx.parse().unwrap(), lsn);
+        if let (Some(tx), Some(lsn), Some(len)) = (field("tx:"), field("lsn:"), field("len (rec/tot):")) {
+            let total: u64 = len.rsplit('/').next().unwrap().trim().parse().unwrap();
+            map.insert(tx.parse().unwrap(), (lsn.clone(), parse_lsn(&lsn) + total));
         }
     }
     assert!(!map.is_empty(), "pg_waldump found no commits: {}", stderr(&out));
     map
 }
+
+pub fn parse_lsn(s: &str) -> u64 {
+    let (hi, lo) = s.split_once('/').unwrap_or_else(|| panic!("not an LSN: {s}"));
+    (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap()
+}
+
+/// The markers a restored server holds, as "count max notes" (notes sorted, comma-separated).
+pub const MARKERS_SUMMARY: &str =
+    "select count(*) || ' ' || coalesce(max(id), 0) || ' ' || coalesce(string_agg(distinct note, ',' order by note), '') from markers";
 
 /// A small deterministic random generator (xorshift), seeded from
 /// WALVAULT_TEST_SEED or the clock, printed so a failure can be replayed.
