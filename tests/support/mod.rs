@@ -136,7 +136,8 @@ impl Replayed {
         stdout(&out).trim_end_matches('\n').to_string()
     }
 
-    /// Stops the server (immediate: the directory is thrown away).
+    /// Stops the server (immediate) and removes the restored directory: a
+    /// test makes many, each with the WAL it replayed.
     pub fn stop(&mut self, pg: &PgCluster) {
         if self.port == 0 {
             return;
@@ -145,6 +146,7 @@ impl Replayed {
         if let Some(work) = self.socket.parent() {
             let _ = std::fs::remove_dir_all(work);
         }
+        let _ = std::fs::remove_dir_all(&self.data);
         self.port = 0;
     }
 }
