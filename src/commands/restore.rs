@@ -544,6 +544,7 @@ async fn replay(ctx: &Ctx, postgres: &Path, pgdata: &Path, target: &RecoveryTarg
     let started = Instant::now();
     let mut last_report = Instant::now();
     let action = format!("{:?}", ctx.config.restore.target_action).to_lowercase();
+    let mut query_failures = 0;
     let reached = loop {
         if let Some(status) = server.exited() {
             let log = server.log();
@@ -557,14 +558,19 @@ async fn replay(ctx: &Ctx, postgres: &Path, pgdata: &Path, target: &RecoveryTarg
                     postgres_says: stopping_line(&log),
                 };
             }
-            let _ = std::fs::remove_dir_all(&work);
+            // The log stays (in the private work directory) for a look.
+            let why = if log.contains("recovery ended before configured recovery target was reached") {
+                match target {
+                    RecoveryTarget::Time(_) => "the archived WAL ends before the target: recovery stops at the first transaction that committed after the target time, and none is archived yet (on a quiet database, the latest state may already be the one wanted: restore without a target)".to_string(),
+                    _ => "the archived WAL ends before the target (or the target is not on this timeline's history: see `walvault info` and --target-timeline)".to_string(),
+                }
+            } else {
+                "if other timelines exist (`walvault info`), the target may lie on another one: pass --target-timeline".to_string()
+            };
             return Err(Error::coded(
                 exit::NOT_REACHED,
                 format!("PostgreSQL stopped during recovery ({status}) without reaching the target: {}", fatal_lines(&log)),
-                Some(format!(
-                    "if other timelines exist (`walvault info`), the target may lie on another one: pass --target-timeline; server log: {}",
-                    last_lines(&log, 8)
-                )),
+                Some(format!("{why}; server log {}: {}", server.log_path.display(), last_lines(&log, 8))),
             ));
         }
         let attempt = Connection::connect(&params, Mode::Database).await;
@@ -572,15 +578,20 @@ async fn replay(ctx: &Ctx, postgres: &Path, pgdata: &Path, target: &RecoveryTarg
             tracing::debug!(error = %e, "not connected to the restored server yet");
         }
         if let Ok(mut conn) = attempt {
-            let q = conn
-                .simple_query(
-                    "SELECT pg_is_in_recovery()::text, pg_last_wal_replay_lsn()::text, pg_last_xact_replay_timestamp()::text, \
-                     CASE WHEN pg_is_in_recovery() AND current_setting('server_version_num')::int >= 140000 \
-                     THEN pg_get_wal_replay_pause_state()::text ELSE 'not paused' END",
-                )
-                .await;
-            if let Err(e) = &q {
-                tracing::debug!(error = %e, "replay status query failed");
+            let q = conn.simple_query(&status_query(conn.server_version_num())).await;
+            match &q {
+                Err(e) => {
+                    tracing::debug!(error = %e, "replay status query failed");
+                    query_failures += 1;
+                    if query_failures >= 30 {
+                        let _ = server.stop(Duration::from_secs(60)).await;
+                        return Err(Error::with_hint(
+                            format!("cannot read the replay status from the restored server: {e}"),
+                            format!("the server was stopped; its data directory {} is restored and can be started by hand", pgdata.display()),
+                        ));
+                    }
+                }
+                Ok(_) => query_failures = 0,
             }
             if let Ok(sets) = q {
                 let row = sets.first().and_then(|s| s.rows.first()).cloned().unwrap_or_default();
@@ -667,6 +678,21 @@ fn queue_history_for_archiving(pgdata: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Whether recovery is still going, where, and whether it paused. PostgreSQL
+/// 13 has no pg_get_wal_replay_pause_state(), and a query naming it fails there
+/// even in a branch that is never taken.
+fn status_query(server_version_num: u32) -> String {
+    let paused = if server_version_num >= 140000 {
+        "pg_get_wal_replay_pause_state()::text"
+    } else {
+        "CASE WHEN pg_is_wal_replay_paused() THEN 'paused' ELSE 'not paused' END"
+    };
+    format!(
+        "SELECT pg_is_in_recovery()::text, pg_last_wal_replay_lsn()::text, pg_last_xact_replay_timestamp()::text, \
+         CASE WHEN pg_is_in_recovery() THEN {paused} ELSE 'not paused' END"
+    )
 }
 
 fn stopping_line(log: &str) -> Option<String> {
