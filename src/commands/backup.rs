@@ -11,7 +11,7 @@ use super::Ctx;
 use crate::cli::BackupArgs;
 use crate::config::Checkpoint;
 use crate::error::{Error, Result, ResultExt, exit};
-use crate::pg::basebackup::{BackupEvent, BaseBackupOptions, BaseBackupStream};
+use crate::pg::basebackup::{BackupEvent, BaseBackupOptions, BaseBackupStream, control_file_next_xid};
 use crate::pg::conn::{Connection, Mode};
 use crate::pg::conninfo::ConnParams;
 use crate::pg::tar::{TarEvent, TarParser};
@@ -19,7 +19,7 @@ use crate::pg::{Lsn, WalSegmentName};
 use crate::pipeline::{Sealer, bridge};
 use crate::repo::backup_writer::{BackupWriter, WriterSettings};
 use crate::repo::descriptor::LoadedDescriptor;
-use crate::repo::lock::{LockError, LockOptions, RepoLock};
+use crate::repo::lock::{LockError, LockOptions, ProcessId, RepoLock};
 use crate::repo::manifest::{BackupManifest, FilesHeader, SealedRef, Tablespace};
 use crate::repo::pack::ChunkIndex;
 use crate::repo::wal::WalArchive;
@@ -88,9 +88,13 @@ async fn backup_locked(
         )));
     }
     let backup_id = new_backup_id(store, start_time).await?;
-    let spool = ctx.config.spool_dir().join(format!("backup-{backup_id}"));
+    sweep_abandoned_spools(&ctx.config.spool_dir());
+    let spool = ctx.config.spool_dir().join(format!("{SPOOL_PREFIX}{backup_id}"));
     let _ = std::fs::remove_dir_all(&spool);
     std::fs::create_dir_all(&spool).with_context(|| format!("cannot create spool directory {}", spool.display()))?;
+    if let Some(me) = ProcessId::current() {
+        let _ = std::fs::write(spool.join(SPOOL_OWNER), serde_json::to_vec(&me).expect("json"));
+    }
     let result = async {
         let known = Arc::new(ChunkIndex::load(store.as_ref(), &key.public(), ctx.config.repository.parallel).await?);
         tracing::info!(backup = %backup_id, known_chunks = known.chunks.len(), "starting base backup");
@@ -153,7 +157,8 @@ async fn backup_locked(
             end_lsn,
             end_timeline: end_tli,
             start_time,
-            end_time: chrono::Utc::now(),
+            end_time: streamed.finished_at,
+            next_xid: streamed.control.as_deref().and_then(|c| control_file_next_xid(c, sys.system_identifier)),
             wal_first: wal_first.to_string(),
             wal_last: wal_last.to_string(),
             files,
@@ -197,16 +202,43 @@ async fn new_backup_id(store: &Store, at: chrono::DateTime<chrono::Utc>) -> Resu
     Err(Error::failed("cannot find a free backup id"))
 }
 
+/// Spool directories of backups: `backup-<id>`, holding the owner's process id.
+const SPOOL_PREFIX: &str = "backup-";
+const SPOOL_OWNER: &str = "process.json";
+
+/// Removes the spool directories of backups whose process is gone (killed
+/// mid-backup): their packs are either uploaded (and re-used) or lost anyway.
+fn sweep_abandoned_spools(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        if !e.file_name().to_string_lossy().starts_with(SPOOL_PREFIX) {
+            continue;
+        }
+        let owner: Option<ProcessId> = std::fs::read(e.path().join(SPOOL_OWNER)).ok().and_then(|b| serde_json::from_slice(&b).ok());
+        if owner.is_some_and(|p| p.is_gone()) {
+            tracing::info!(dir = %e.path().display(), "removing the spool of an interrupted backup");
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 struct Streamed {
     start_lsn: Lsn,
     start_tli: u32,
     end_lsn: Lsn,
     end_tli: u32,
+    /// When the server reported the end position.
+    finished_at: chrono::DateTime<chrono::Utc>,
+    /// The first 8 KiB of global/pg_control as the backup holds it.
+    control: Option<Vec<u8>>,
     files_path: std::path::PathBuf,
     server_manifest: Option<std::path::PathBuf>,
     packs: Vec<crate::repo::pack::PackInfo>,
     stats: crate::repo::manifest::BackupStats,
 }
+
+/// What is kept of global/pg_control (the control data proper is at its start).
+const CONTROL_BYTES: usize = 8192;
 
 async fn stream_backup(
     conn: &mut Connection,
@@ -226,6 +258,9 @@ async fn stream_backup(
     let manifest_path = spool.join("backup_manifest");
     let mut last_log = Instant::now();
     let mut received: u64 = 0;
+    let mut control: Option<Vec<u8>> = None;
+    let mut in_control = false;
+    let mut finished_at = None;
     let result: Result<()> = async {
         while let Some(ev) = stream.next().await? {
             match ev {
@@ -258,9 +293,23 @@ async fn stream_backup(
                         .map_err(|e| Error::failed(e.to_string()))?;
                     for e in events {
                         match e {
-                            TarEvent::Entry(entry) => w.begin_entry(&entry, &prefix).await?,
-                            TarEvent::Data(d) => w.data(d).await?,
-                            TarEvent::EntryEnd => w.end_entry().await?,
+                            TarEvent::Entry(entry) => {
+                                in_control = prefix.is_empty() && entry.path == "global/pg_control";
+                                if in_control {
+                                    control = Some(Vec::with_capacity(CONTROL_BYTES));
+                                }
+                                w.begin_entry(&entry, &prefix).await?
+                            }
+                            TarEvent::Data(d) => {
+                                if let Some(c) = control.as_mut().filter(|_| in_control) {
+                                    c.extend_from_slice(&d[..d.len().min(CONTROL_BYTES - c.len())]);
+                                }
+                                w.data(d).await?
+                            }
+                            TarEvent::EntryEnd => {
+                                in_control = false;
+                                w.end_entry().await?
+                            }
                             TarEvent::End => {}
                         }
                     }
@@ -286,7 +335,10 @@ async fn stream_backup(
                     };
                     f.write_all(&bytes)?;
                 }
-                BackupEvent::Finished { end_lsn, timeline } => end = Some((end_lsn, timeline)),
+                BackupEvent::Finished { end_lsn, timeline } => {
+                    finished_at = Some(chrono::Utc::now());
+                    end = Some((end_lsn, timeline))
+                }
             }
         }
         Ok(())
@@ -302,7 +354,18 @@ async fn stream_backup(
     let (files_path, packs, stats, _count) = writer.finish().await?;
     let (start_lsn, start_tli) = start.ok_or_else(|| Error::failed("the server sent no start position"))?;
     let (end_lsn, end_tli) = end.ok_or_else(|| Error::failed("the server sent no end position"))?;
-    Ok(Streamed { start_lsn, start_tli, end_lsn, end_tli, files_path, server_manifest: manifest_file.map(|_| manifest_path), packs, stats })
+    Ok(Streamed {
+        start_lsn,
+        start_tli,
+        end_lsn,
+        end_tli,
+        finished_at: finished_at.unwrap_or_else(chrono::Utc::now),
+        control,
+        files_path,
+        server_manifest: manifest_file.map(|_| manifest_path),
+        packs,
+        stats,
+    })
 }
 
 /// Seals a spool file into the repository.

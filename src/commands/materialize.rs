@@ -24,6 +24,7 @@ pub async fn run(ctx: &Ctx, args: &MaterializeArgs) -> Result<i32> {
         owner: None,
         progress: None,
         verify_only: false,
+        clear_dest: false,
     };
     let stats = materialize(&store, &desc, &opener, backup, &opts).await;
     let _ = std::fs::remove_dir_all(&spool);

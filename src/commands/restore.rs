@@ -17,7 +17,7 @@ use crate::pg::server::{LocalServer, binary_major, find_program, free_port, owne
 use crate::pg::{TimelineId, WalSegmentName};
 use crate::repo::catalog::{Catalog, Window};
 use crate::repo::manifest::BackupManifest;
-use crate::repo::materialize::{MaterializeOptions, materialize};
+use crate::repo::materialize::{MaterializeOptions, prepare, write};
 
 pub async fn run(ctx: &Ctx, args: &RestoreArgs) -> Result<i32> {
     let target = parse_target(args)?;
@@ -68,9 +68,6 @@ pub async fn run(ctx: &Ctx, args: &RestoreArgs) -> Result<i32> {
         eprintln!("note: {note}");
     }
 
-    if args.force {
-        clear_dir(&pgdata)?;
-    }
     let owner = restore_owner(&pgdata)?.map(|(u, g, _)| (u, g));
     let started = Instant::now();
     let spool = ctx.config.spool_dir().join(format!("restore-{}", std::process::id()));
@@ -82,10 +79,18 @@ pub async fn run(ctx: &Ctx, args: &RestoreArgs) -> Result<i32> {
         owner,
         progress: None,
         verify_only: false,
+        clear_dest: args.force,
     };
-    let stats = materialize(&store, &desc, &opener, &backup, &opts).await;
+    // Refusals while preparing (a tablespace directory in use) leave the
+    // directory untouched; failures while writing leave it incomplete.
+    let stats = match prepare(&store, &desc, &opener, &backup, &opts).await {
+        Ok(prepared) => write(prepared, &store, &opener, &backup, &opts)
+            .await
+            .context("restore failed; the data directory is incomplete and must not be started"),
+        Err(e) => Err(e.context("nothing was written")),
+    };
     let _ = std::fs::remove_dir_all(&spool);
-    let stats = stats.context("restore failed; the data directory is incomplete and must not be started")?;
+    let stats = stats?;
     if let Some(sm) = &backup.server_manifest {
         write_server_manifest(&store, &opener, sm, &pgdata.join("backup_manifest"), owner).await?;
     }
@@ -184,10 +189,13 @@ fn check_pgdata(pgdata: &Path, force: bool) -> Result<()> {
     }
     if let Ok(pid) = std::fs::read_to_string(pgdata.join("postmaster.pid")) {
         if let Some(pid) = pid.lines().next().and_then(|l| l.trim().parse::<i32>().ok()) {
-            if pid > 0 && unsafe { libc::kill(pid, 0) } == 0 {
+            // EPERM: the process exists but belongs to another user.
+            let alive =
+                pid > 0 && (unsafe { libc::kill(pid, 0) } == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM));
+            if alive {
                 return Err(Error::with_hint(
                     format!("{} is in use by a running PostgreSQL server (pid {pid})", pgdata.display()),
-                    "stop the server first; restore never overwrites a running cluster",
+                    "stop the server first; restore never overwrites a running cluster (if no server runs there, remove the stale postmaster.pid)",
                 ));
             }
         }
@@ -197,16 +205,6 @@ fn check_pgdata(pgdata: &Path, force: bool) -> Result<()> {
             format!("{} is not empty", pgdata.display()),
             "restore into an empty or new directory, or pass --force to replace its contents",
         ));
-    }
-    Ok(())
-}
-
-fn clear_dir(dir: &Path) -> Result<()> {
-    let Ok(entries) = std::fs::read_dir(dir) else { return Ok(()) };
-    for e in entries.flatten() {
-        let p = e.path();
-        let r = if e.file_type().map(|t| t.is_dir()).unwrap_or(false) { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
-        r.with_context(|| format!("--force: cannot remove {}", p.display()))?;
     }
     Ok(())
 }
@@ -298,6 +296,14 @@ pub fn choose(catalog: &Catalog, target: &RecoveryTarget, timeline: &TargetTimel
             Some("run `walvault verify` to list every damaged object; restore from another backup".into()),
         ));
     }
+    if let Some(id) = forced.filter(|id| catalog.backup(id).is_none()) {
+        let why = if catalog.incomplete.iter().any(|i| i == id) {
+            "it was interrupted before its manifest was written, so it does not exist as a backup"
+        } else {
+            "see `walvault info` for the backups there are"
+        };
+        return Err(Error::Usage(format!("no backup {id} in the repository: {why}")));
+    }
     if catalog.backups.is_empty() {
         return Err(refuse("the repository has no backup".into(), "take one with `walvault backup`"));
     }
@@ -388,17 +394,35 @@ pub fn choose(catalog: &Catalog, target: &RecoveryTarget, timeline: &TargetTimel
             }
             pick(w)
         }
+        RecoveryTarget::Xid(xid) if forced.is_none() => {
+            let w = backup_for_xid(catalog, &windows, *xid);
+            match &w {
+                Some(w) => notes.push(format!(
+                    "transaction {xid} was assigned after backup {} began (by its next transaction id), so backup {} ends before it commits",
+                    successor(&windows, w).map(|s| s.backup_id.as_str()).unwrap_or("?"),
+                    w.backup_id
+                )),
+                None if windows.len() > 1 => notes.push(format!(
+                    "transaction {xid} may have committed before the second backup ended: starting from the oldest backup with unbroken WAL. Pass --backup to start from a newer one."
+                )),
+                None => {}
+            }
+            let w = w.unwrap_or_else(|| oldest_unbroken(&windows));
+            if let Some(gap) = &w.gap_at {
+                notes.push(format!("WAL segment {gap} is missing: the target must lie before {}", w.end_lsn));
+            }
+            pick(&w)
+        }
         RecoveryTarget::Xid(_) | RecoveryTarget::Name(_) => {
-            // Where a transaction or restore point lies is only known by replaying
-            // WAL: use the oldest backup whose WAL is unbroken to the end.
+            // Where a restore point lies is only known by replaying WAL: use
+            // the oldest backup whose WAL is unbroken to the end.
             let w = match forced {
                 Some(_) => newest.clone(),
-                None => windows.iter().find(|w| w.gap_at.is_none()).cloned().unwrap_or(newest.clone()),
+                None => oldest_unbroken(&windows),
             };
             if forced.is_none() && windows.len() > 1 {
                 notes.push(format!(
-                    "a {} cannot be located without replaying WAL; using the oldest backup with unbroken WAL ({}). Pass --backup to start from a newer one.",
-                    if matches!(target, RecoveryTarget::Xid(_)) { "transaction id" } else { "restore point" },
+                    "a restore point cannot be located without replaying WAL; using the oldest backup with unbroken WAL ({}). Pass --backup to start from a newer one.",
                     w.backup_id
                 ));
             }
@@ -409,6 +433,44 @@ pub fn choose(catalog: &Catalog, target: &RecoveryTarget, timeline: &TargetTimel
         }
     };
     Ok(Plan { backup, timeline: tli, explicit_timeline: explicit, notes })
+}
+
+fn oldest_unbroken(windows: &[Window]) -> Window {
+    windows.iter().find(|w| w.gap_at.is_none()).unwrap_or(windows.last().expect("not empty")).clone()
+}
+
+fn successor<'a>(windows: &'a [Window], w: &Window) -> Option<&'a Window> {
+    windows.iter().skip_while(|x| x.backup_id != w.backup_id).nth(1)
+}
+
+/// The newest window whose backup surely ends before transaction `xid`
+/// commits: a later backup recorded a next transaction id at or below `xid`,
+/// so `xid` was assigned after that later backup began, hence after this one
+/// ended. None when no backup can be proven so (then the oldest is safe).
+fn backup_for_xid(catalog: &Catalog, windows: &[Window], xid: u64) -> Option<Window> {
+    let next_xid = |w: &Window| catalog.backup(&w.backup_id).and_then(|b| b.next_xid);
+    let reference = windows.iter().filter_map(next_xid).max()?;
+    let xid = widen_xid(xid, reference);
+    (0..windows.len().saturating_sub(1))
+        .rev()
+        .find(|&i| windows[i + 1..].iter().filter_map(next_xid).min().is_some_and(|n| n <= xid))
+        .map(|i| windows[i].clone())
+}
+
+/// A 32-bit transaction id as a 64-bit one (with epoch), taking the epoch
+/// that puts it nearest to `reference`; 64-bit ids are returned as they are.
+fn widen_xid(xid: u64, reference: u64) -> u64 {
+    if xid > u32::MAX as u64 {
+        return xid;
+    }
+    let candidate = (reference & !0xFFFF_FFFF) | xid;
+    if candidate > reference.saturating_add(1 << 31) && candidate >= 1 << 32 {
+        candidate - (1 << 32)
+    } else if candidate.saturating_add(1 << 31) < reference {
+        candidate + (1 << 32)
+    } else {
+        candidate
+    }
 }
 
 fn before_window(catalog: &Catalog, first: &Window, what: &str, inside: impl Fn(&BackupManifest) -> bool) -> Error {
@@ -493,6 +555,7 @@ async fn replay(ctx: &Ctx, postgres: &Path, pgdata: &Path, target: &RecoveryTarg
     let started = Instant::now();
     let mut last_report = Instant::now();
     let action = format!("{:?}", ctx.config.restore.target_action).to_lowercase();
+    let mut query_failures = 0;
     let reached = loop {
         if let Some(status) = server.exited() {
             let log = server.log();
@@ -506,14 +569,19 @@ async fn replay(ctx: &Ctx, postgres: &Path, pgdata: &Path, target: &RecoveryTarg
                     postgres_says: stopping_line(&log),
                 };
             }
-            let _ = std::fs::remove_dir_all(&work);
+            // The log stays (in the private work directory) for a look.
+            let why = if log.contains("recovery ended before configured recovery target was reached") {
+                match target {
+                    RecoveryTarget::Time(_) => "the archived WAL ends before the target: recovery stops at the first transaction that committed after the target time, and none is archived yet (on a quiet database, the latest state may already be the one wanted: restore without a target)".to_string(),
+                    _ => "the archived WAL ends before the target (or the target is not on this timeline's history: see `walvault info` and --target-timeline)".to_string(),
+                }
+            } else {
+                "if other timelines exist (`walvault info`), the target may lie on another one: pass --target-timeline".to_string()
+            };
             return Err(Error::coded(
                 exit::NOT_REACHED,
                 format!("PostgreSQL stopped during recovery ({status}) without reaching the target: {}", fatal_lines(&log)),
-                Some(format!(
-                    "if other timelines exist (`walvault info`), the target may lie on another one: pass --target-timeline; server log: {}",
-                    last_lines(&log, 8)
-                )),
+                Some(format!("{why}; server log {}: {}", server.log_path.display(), last_lines(&log, 8))),
             ));
         }
         let attempt = Connection::connect(&params, Mode::Database).await;
@@ -521,20 +589,20 @@ async fn replay(ctx: &Ctx, postgres: &Path, pgdata: &Path, target: &RecoveryTarg
             tracing::debug!(error = %e, "not connected to the restored server yet");
         }
         if let Ok(mut conn) = attempt {
-            // pg_get_wal_replay_pause_state() exists from PostgreSQL 14 on; before,
-            // pg_is_wal_replay_paused() says the same.
-            let pause = if conn.server_version_num() >= 140000 {
-                "CASE WHEN pg_is_in_recovery() THEN pg_get_wal_replay_pause_state()::text ELSE 'not paused' END"
-            } else {
-                "CASE WHEN pg_is_in_recovery() AND pg_is_wal_replay_paused() THEN 'paused' ELSE 'not paused' END"
-            };
-            let q = conn
-                .simple_query(&format!(
-                    "SELECT pg_is_in_recovery()::text, pg_last_wal_replay_lsn()::text, pg_last_xact_replay_timestamp()::text, {pause}"
-                ))
-                .await;
-            if let Err(e) = &q {
-                tracing::debug!(error = %e, "replay status query failed");
+            let q = conn.simple_query(&status_query(conn.server_version_num())).await;
+            match &q {
+                Err(e) => {
+                    tracing::debug!(error = %e, "replay status query failed");
+                    query_failures += 1;
+                    if query_failures >= 30 {
+                        let _ = server.stop(Duration::from_secs(60)).await;
+                        return Err(Error::with_hint(
+                            format!("cannot read the replay status from the restored server: {e}"),
+                            format!("the server was stopped; its data directory {} is restored and can be started by hand", pgdata.display()),
+                        ));
+                    }
+                }
+                Ok(_) => query_failures = 0,
             }
             if let Ok(sets) = q {
                 let row = sets.first().and_then(|s| s.rows.first()).cloned().unwrap_or_default();
@@ -593,7 +661,49 @@ async fn replay(ctx: &Ctx, postgres: &Path, pgdata: &Path, target: &RecoveryTarg
     }
     server.stop(Duration::from_secs(60)).await?;
     let _ = std::fs::remove_dir_all(&work);
+    if args.archive_mode != "off" && reached.promoted {
+        queue_history_for_archiving(pgdata)?;
+    }
     Ok(0)
+}
+
+/// The replay ran with archiving off, so the history file of the timeline it
+/// created was never queued for archiving. Queue it now: if this directory is
+/// later started with archiving (as the new primary), its new timeline must
+/// not reach the repository without the history that says where it branched.
+fn queue_history_for_archiving(pgdata: &Path) -> Result<()> {
+    let wal = pgdata.join("pg_wal");
+    let status = wal.join("archive_status");
+    let owner = owner_of(pgdata)?;
+    for e in std::fs::read_dir(&wal).with_context(|| format!("cannot read {}", wal.display()))?.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.ends_with(".history") || status.join(format!("{name}.done")).exists() {
+            continue;
+        }
+        let ready = status.join(format!("{name}.ready"));
+        if !ready.exists() {
+            std::fs::write(&ready, b"").with_context(|| format!("cannot write {}", ready.display()))?;
+            if unsafe { libc::geteuid() } == 0 {
+                std::os::unix::fs::chown(&ready, Some(owner.0), Some(owner.1))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether recovery is still going, where, and whether it paused. PostgreSQL
+/// 13 has no pg_get_wal_replay_pause_state(), and a query naming it fails there
+/// even in a branch that is never taken.
+fn status_query(server_version_num: u32) -> String {
+    let paused = if server_version_num >= 140000 {
+        "pg_get_wal_replay_pause_state()::text"
+    } else {
+        "CASE WHEN pg_is_wal_replay_paused() THEN 'paused' ELSE 'not paused' END"
+    };
+    format!(
+        "SELECT pg_is_in_recovery()::text, pg_last_wal_replay_lsn()::text, pg_last_xact_replay_timestamp()::text, \
+         CASE WHEN pg_is_in_recovery() THEN {paused} ELSE 'not paused' END"
+    )
 }
 
 fn stopping_line(log: &str) -> Option<String> {
@@ -618,4 +728,19 @@ fn fatal_lines(log: &str) -> String {
 fn last_lines(log: &str, n: usize) -> String {
     let lines: Vec<&str> = log.lines().collect();
     lines[lines.len().saturating_sub(n)..].join(" | ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transaction_ids_are_widened_near_the_reference() {
+        assert_eq!(widen_xid(745, 700), 745);
+        assert_eq!(widen_xid(745, (3 << 32) | 700), (3 << 32) | 745);
+        assert_eq!(widen_xid(0xFFFF_FF00, (3 << 32) | 100), (2 << 32) | 0xFFFF_FF00, "just before the epoch wrapped");
+        assert_eq!(widen_xid(100, (3 << 32) | 0xFFFF_FF00), (4 << 32) | 100, "just after it wraps");
+        assert_eq!(widen_xid((5 << 32) | 9, 700), (5 << 32) | 9, "64-bit ids as given");
+        assert_eq!(widen_xid(0xFFFF_FF00, 100), 0xFFFF_FF00, "no epoch before the first");
+    }
 }

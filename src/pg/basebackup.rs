@@ -292,9 +292,44 @@ fn tablespace_row(row: &[Option<Bytes>]) -> Result<TablespaceRow, PgError> {
     })
 }
 
+/// The next transaction id (64-bit, epoch included) recorded in a copy of
+/// `global/pg_control`: the value at the control file's latest checkpoint. In
+/// a base backup that checkpoint is the backup's own start checkpoint or a
+/// later one, so every transaction id at or above it was assigned after the
+/// backup began. None for a file that is not a pg_control of the expected
+/// cluster, or of a layout this code does not know.
+///
+/// ControlFileData starts with the system identifier (u64), pg_control_version
+/// (u32) and catalog version (u32), the state, the time and the checkpoint
+/// LSN; the checkpoint copy follows at offset 40, and its nextXid
+/// (FullTransactionId) at offset 24 in it, for every version from 13 (1300) to
+/// 18 (1800). Native byte order, as written by the server.
+pub fn control_file_next_xid(data: &[u8], system_identifier: u64) -> Option<u64> {
+    const KNOWN_VERSIONS: [u32; 3] = [1300, 1700, 1800];
+    let u64_at = |o: usize| data.get(o..o + 8).map(|b| u64::from_ne_bytes(b.try_into().expect("8 bytes")));
+    let version = data.get(8..12).map(|b| u32::from_ne_bytes(b.try_into().expect("4 bytes")))?;
+    if u64_at(0)? != system_identifier || !KNOWN_VERSIONS.contains(&version) {
+        return None;
+    }
+    u64_at(64).filter(|&x| x >= 3)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn next_xid_from_a_control_file() {
+        let mut data = vec![0u8; 8192];
+        data[0..8].copy_from_slice(&7_000_000_000_000_000_123u64.to_ne_bytes());
+        data[8..12].copy_from_slice(&1300u32.to_ne_bytes());
+        data[64..72].copy_from_slice(&((2u64 << 32) | 745).to_ne_bytes());
+        assert_eq!(control_file_next_xid(&data, 7_000_000_000_000_000_123), Some((2 << 32) | 745));
+        assert_eq!(control_file_next_xid(&data, 42), None, "another cluster's control file");
+        data[8..12].copy_from_slice(&1100u32.to_ne_bytes());
+        assert_eq!(control_file_next_xid(&data, 7_000_000_000_000_000_123), None, "an unknown layout");
+        assert_eq!(control_file_next_xid(&data[..40], 7_000_000_000_000_000_123), None, "too short");
+    }
 
     #[test]
     fn commands_by_version() {

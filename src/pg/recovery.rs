@@ -264,6 +264,13 @@ impl RecoveryConfig {
         if old.exists() {
             std::fs::rename(&old, pgdata.join("recovery.conf.walvault-disabled"))?;
         }
+        // A backup taken from a standby may carry standby.signal: it would win
+        // over recovery.signal and the server would wait for more WAL forever
+        // instead of stopping at the target and promoting.
+        match std::fs::remove_file(pgdata.join("standby.signal")) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
         Ok(())
     }
 }
@@ -335,5 +342,8 @@ mod tests {
         assert!(text.contains("work_mem = '4MB'"));
         assert!(text.contains("archive_mode = 'on'"), "archive mode is kept unless asked");
         assert!(dir.path().join("recovery.signal").exists());
+        std::fs::write(dir.path().join("standby.signal"), "").unwrap();
+        c.write(dir.path()).unwrap();
+        assert!(!dir.path().join("standby.signal").exists(), "a standby's signal file would keep recovery from ending");
     }
 }

@@ -18,7 +18,7 @@ use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 
-use super::chunk::{BATCH_BYTES, BatchResult, CHUNK_SIZE, ChunkId, FileHasher, PendingChunk, process_batch};
+use super::chunk::{BATCH_BYTES, BatchResult, CHUNK_SIZE, ChunkClaims, ChunkId, FileHasher, PendingChunk, process_claimed_batch};
 use super::manifest::{BackupStats, BlobRun, FileEntry, FileKind, FilesHeader, FilesWriter};
 use super::pack::{ChunkIndex, PackIndex, PackInfo, PackWriter, upload_pack};
 use super::{RepoError, SigningKey};
@@ -82,6 +82,9 @@ pub struct BackupWriter {
     batch_meta: Vec<(u64, bool)>,
     batch_bytes: usize,
     in_flight: VecDeque<InFlight>,
+    /// Batches submitted so far (the next batch's number for `claims`).
+    batches: u64,
+    claims: Arc<ChunkClaims>,
     new_chunks: HashMap<ChunkId, NewChunk>,
     /// The manifest's pack list, and each pack id's number in it.
     packs: Vec<PackInfo>,
@@ -108,6 +111,8 @@ impl BackupWriter {
             batch_meta: Vec::new(),
             batch_bytes: 0,
             in_flight: VecDeque::new(),
+            batches: 0,
+            claims: Arc::default(),
             new_chunks: HashMap::new(),
             packs: Vec::new(),
             pack_numbers: HashMap::new(),
@@ -209,7 +214,11 @@ impl BackupWriter {
         let meta = std::mem::take(&mut self.batch_meta);
         self.batch_bytes = 0;
         let (key, known, sealer, pool) = (self.s.chunk_key, self.s.known.clone(), self.s.sealer.clone(), self.pool.clone());
-        let task = tokio::spawn(async move { pool.run(move || process_batch(chunks, &key, known.as_ref(), &sealer)).await });
+        let (claims, seq) = (self.claims.clone(), self.batches);
+        self.batches += 1;
+        let task = tokio::spawn(async move {
+            pool.run(move || process_claimed_batch(chunks, &key, known.as_ref(), &sealer, Some((&claims, seq)))).await
+        });
         self.in_flight.push_back(InFlight { chunks: meta, task });
         Ok(())
     }

@@ -101,9 +101,23 @@ impl Catalog {
     /// The timeline being written: the one whose WAL reached the repository
     /// last. (The highest-numbered timeline can be an abandoned branch, e.g. a
     /// test restore that was promoted and archived into this repository.)
+    ///
+    /// A history file counts as WAL of its timeline: right after a promotion
+    /// the new timeline has stored its history but maybe no segment yet, and
+    /// the old timeline's tail may hold writes the promoted server never had.
     pub fn latest_timeline(&self) -> Option<TimelineId> {
-        let newest =
-            self.last_stored.iter().map(|(t, (_, at))| (*at, *t)).chain(self.streaming.iter().map(|(t, (_, _, at))| (*at, *t))).max();
+        let histories = self
+            .wal
+            .iter()
+            .filter(|e| e.kind == WalFileKind::History)
+            .filter_map(|e| Some((e.modified?, u32::from_str_radix(e.file.strip_suffix(".history")?, 16).ok()?)));
+        let newest = self
+            .last_stored
+            .iter()
+            .map(|(t, (_, at))| (*at, *t))
+            .chain(self.streaming.iter().map(|(t, (_, _, at))| (*at, *t)))
+            .chain(histories)
+            .max();
         newest.map(|(_, t)| t).or_else(|| self.timelines().into_iter().max())
     }
 

@@ -11,6 +11,7 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::sync::Mutex;
 
 use blake3::hazmat::{ChainingValue, HasherExt, Mode, merge_subtrees_non_root, merge_subtrees_root};
 use bytes::Bytes;
@@ -73,6 +74,35 @@ impl<V: Send + Sync> KnownChunks for HashMap<ChunkId, V> {
     }
 }
 
+/// The chunks a backup stores, each with the batch (numbered in the order the
+/// writer submits them) that stores it. Batches run in parallel, so without
+/// this a chunk that appears in several of them (the template databases'
+/// identical catalogs, runs of zero pages) would be compressed and uploaded
+/// once per batch. A batch leaves out a chunk an earlier batch claimed: the
+/// writer applies batches in order, so it knows where that chunk went. When a
+/// later batch got there first, the earlier one stores the chunk too (and
+/// takes the claim), so a left-out chunk is always stored by an earlier batch.
+#[derive(Default)]
+pub struct ChunkClaims(Mutex<HashMap<ChunkId, u64>>);
+
+impl ChunkClaims {
+    /// Whether batch `seq` must store the chunk itself.
+    pub fn claim(&self, id: &ChunkId, seq: u64) -> bool {
+        let mut claims = self.0.lock().expect("claims lock");
+        match claims.get_mut(id) {
+            Some(by) if *by <= seq => *by == seq,
+            Some(by) => {
+                *by = seq;
+                true
+            }
+            None => {
+                claims.insert(*id, seq);
+                true
+            }
+        }
+    }
+}
+
 thread_local! {
     static COMPRESSOR: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { RefCell::new(None) };
 }
@@ -104,6 +134,18 @@ pub fn process_batch(
     known: &dyn KnownChunks,
     sealer: &Sealer,
 ) -> Result<BatchResult, SealError> {
+    process_claimed_batch(chunks, key, known, sealer, None)
+}
+
+/// `process_batch` for one of a backup's batches: chunks an earlier batch
+/// claimed (see `ChunkClaims`) are left out like known ones.
+pub fn process_claimed_batch(
+    chunks: Vec<PendingChunk>,
+    key: &[u8; 32],
+    known: &dyn KnownChunks,
+    sealer: &Sealer,
+    claims: Option<(&ChunkClaims, u64)>,
+) -> Result<BatchResult, SealError> {
     let mut out = Vec::with_capacity(chunks.len());
     let mut frames = Vec::new();
     let mut in_batch: HashMap<ChunkId, Frame> = HashMap::new();
@@ -118,6 +160,8 @@ pub fn process_batch(
             None
         } else if let Some(f) = in_batch.get(&id) {
             Some(*f)
+        } else if claims.is_some_and(|(c, seq)| !c.claim(&id, seq)) {
+            None
         } else {
             let offset = frames.len() as u32;
             compress(sealer.level(), &chunk.data, &mut frames)?;
@@ -236,6 +280,18 @@ mod tests {
         ] {
             assert_eq!(file_hash_by_chunks(&data[..len]), blake3::hash(&data[..len]), "len {len}");
         }
+    }
+
+    #[test]
+    fn claims_leave_a_chunk_to_the_earliest_batch() {
+        let c = ChunkClaims::default();
+        let (x, y) = ([1u8; 32], [2u8; 32]);
+        assert!(c.claim(&x, 5), "first to see it stores it");
+        assert!(!c.claim(&x, 7), "a later batch leaves it out");
+        assert!(c.claim(&x, 5), "the claimant, asked again, still stores it");
+        assert!(c.claim(&x, 3), "an earlier batch that got there second stores it too");
+        assert!(!c.claim(&x, 5), "and now batch 5 may leave it out: batch 3 is applied before it");
+        assert!(c.claim(&y, 9));
     }
 
     #[test]

@@ -5,6 +5,12 @@
 //! delay and reads the lock back: only the last writer sees its own token, so at
 //! most one holder proceeds. The holder re-reads the lock at each refresh and
 //! stops its work if someone else holds it.
+//!
+//! A holder that was killed (kill -9, OOM) leaves its lock behind. When the
+//! lock names a process on this machine (same host name, boot and pid
+//! namespace) that no longer runs, it is taken over at once instead of
+//! after its expiry: a crashed backup must not block the next one for ten
+//! minutes.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,6 +29,64 @@ pub struct LockBody {
     pub purpose: String,
     pub acquired_at: chrono::DateTime<chrono::Utc>,
     pub expires_at: chrono::DateTime<chrono::Utc>,
+    /// The holding process, to tell on the same machine that it is gone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process: Option<ProcessId>,
+}
+
+/// A process, identified well enough to tell that it has exited: pids are
+/// reused, so the start time (clock ticks after boot) is part of it, and a
+/// pid means something only in its pid namespace on one boot of one host.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ProcessId {
+    pub host: String,
+    pub boot_id: String,
+    pub pid_namespace: String,
+    pub pid: u32,
+    pub start_ticks: u64,
+}
+
+impl ProcessId {
+    /// This process; None where /proc does not tell (then locks only expire).
+    pub fn current() -> Option<ProcessId> {
+        let pid = std::process::id();
+        Some(ProcessId {
+            host: hostname(),
+            boot_id: std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?.trim().to_string(),
+            pid_namespace: std::fs::read_link("/proc/self/ns/pid").ok()?.to_string_lossy().into_owned(),
+            pid,
+            start_ticks: process_start_ticks(pid)?,
+        })
+    }
+
+    /// True when this process certainly no longer runs: it was on this host,
+    /// and either the machine rebooted since, or (same pid namespace) no
+    /// process with its pid and start time exists.
+    pub fn is_gone(&self) -> bool {
+        let Some(me) = ProcessId::current() else { return false };
+        if self.host != me.host {
+            return false;
+        }
+        if self.boot_id != me.boot_id {
+            return true;
+        }
+        if self.pid_namespace != me.pid_namespace {
+            return false;
+        }
+        process_start_ticks(self.pid) != Some(self.start_ticks)
+    }
+}
+
+/// Field 22 of /proc/PID/stat: when the process started, in clock ticks after boot.
+fn process_start_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "unknown-host".into())
 }
 
 #[derive(Debug, Clone)]
@@ -57,8 +121,18 @@ pub enum LockError {
 }
 
 fn owner() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "unknown-host".into());
-    format!("{host}:{}", std::process::id())
+    format!("{}:{}", hostname(), std::process::id())
+}
+
+/// Why an existing lock may be taken over, if it may.
+fn stale_reason(existing: &LockBody, now: chrono::DateTime<chrono::Utc>) -> Option<String> {
+    if existing.expires_at <= now {
+        return Some(format!("it expired at {}", existing.expires_at.to_rfc3339()));
+    }
+    if existing.process.as_ref().is_some_and(ProcessId::is_gone) {
+        return Some(format!("its holder {} no longer runs", existing.owner));
+    }
+    None
 }
 
 async fn read(store: &Store, key: &str) -> Result<Option<LockBody>, RepoError> {
@@ -79,13 +153,13 @@ impl RepoLock {
                 purpose: purpose.to_string(),
                 acquired_at: now,
                 expires_at: now + chrono::Duration::from_std(opts.ttl).unwrap_or_default(),
+                process: ProcessId::current(),
             };
             if !opts.conditional_create {
                 // Look first: the store would not refuse the create below.
                 if let Some(existing) = read(&store, &key).await? {
-                    if existing.expires_at > now {
-                        return Err(busy(existing));
-                    }
+                    let Some(why) = stale_reason(&existing, now) else { return Err(busy(existing)) };
+                    tracing::warn!(owner = %existing.owner, "taking over the {name} lock: {why}");
                     store.delete_many(std::slice::from_ref(&key)).await.map_err(RepoError::from)?;
                 }
             }
@@ -111,9 +185,9 @@ impl RepoLock {
                         let refresher = tokio::spawn(refresh(store.clone(), key.clone(), body.clone(), opts.ttl, lost.clone()));
                         return Ok(RepoLock { store, key, body, lost, refresher: Some(refresher) });
                     }
-                    Some(existing) if existing.expires_at > chrono::Utc::now() => return Err(busy(existing)),
                     Some(existing) => {
-                        tracing::warn!(owner = %existing.owner, expired = %existing.expires_at, "taking over an expired lock (its holder stopped)");
+                        let Some(why) = stale_reason(&existing, chrono::Utc::now()) else { return Err(busy(existing)) };
+                        tracing::warn!(owner = %existing.owner, "taking over the {name} lock: {why}");
                         store.delete_many(std::slice::from_ref(&key)).await.map_err(RepoError::from)?;
                     }
                     None => {}
@@ -179,5 +253,48 @@ async fn refresh(store: Store, key: String, mut body: LockBody, ttl: Duration, l
         if let Err(e) = store.put(&key, doc).await {
             tracing::warn!(lock = %key, error = %e, "cannot refresh the lock; will retry");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_running_process_is_not_gone_and_an_exited_one_is() {
+        let me = ProcessId::current().expect("/proc tells who we are");
+        assert!(!me.is_gone());
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        let started = process_start_ticks(pid);
+        child.wait().unwrap();
+        let exited = ProcessId { pid, start_ticks: started.unwrap_or(0), ..me.clone() };
+        assert!(exited.is_gone(), "an exited child");
+        assert!(ProcessId { start_ticks: me.start_ticks + 1, ..me.clone() }.is_gone(), "same pid, another start: the pid was reused");
+        assert!(ProcessId { boot_id: "another boot".into(), ..me.clone() }.is_gone(), "the machine rebooted since");
+        let elsewhere = ProcessId { host: "another-host".into(), pid, ..me.clone() };
+        assert!(!elsewhere.is_gone(), "a process on another host is never judged from here");
+        let other_ns = ProcessId { pid_namespace: "pid:[1]".into(), pid, ..me.clone() };
+        assert!(!other_ns.is_gone(), "nor one in another pid namespace (another container)");
+    }
+
+    #[test]
+    fn stale_reasons() {
+        let now = chrono::Utc::now();
+        let body = LockBody {
+            token: "t".into(),
+            owner: "h:1".into(),
+            purpose: "p".into(),
+            acquired_at: now,
+            expires_at: now + chrono::Duration::seconds(600),
+            process: ProcessId::current(),
+        };
+        assert_eq!(stale_reason(&body, now), None, "a live holder keeps its lock");
+        let expired = LockBody { expires_at: now - chrono::Duration::seconds(1), ..body.clone() };
+        assert!(stale_reason(&expired, now).unwrap().contains("expired"));
+        let dead = LockBody { process: body.process.clone().map(|p| ProcessId { start_ticks: p.start_ticks + 1, ..p }), ..body.clone() };
+        assert!(stale_reason(&dead, now).unwrap().contains("no longer runs"));
+        let old_format = LockBody { process: None, ..body };
+        assert_eq!(stale_reason(&old_format, now), None, "a lock without process details only expires");
     }
 }

@@ -66,7 +66,15 @@ pub struct BackupManifest {
     pub end_lsn: Lsn,
     pub end_timeline: u32,
     pub start_time: chrono::DateTime<chrono::Utc>,
+    /// When the server reported the end position: every commit stamped later
+    /// lies after `end_lsn`, so time targets from here on are reachable.
     pub end_time: chrono::DateTime<chrono::Utc>,
+    /// The next transaction id (with epoch) in the backup's `global/pg_control`:
+    /// every transaction id at or above it was assigned after this backup began.
+    /// Restore uses it to start a `--target-xid` recovery from a newer backup
+    /// than the oldest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_xid: Option<u64>,
     /// The first and last WAL segments replay needs to make the backup consistent.
     pub wal_first: String,
     pub wal_last: String,

@@ -5,6 +5,11 @@
 //! every chunk is checked against its keyed identifier before it is written.
 //! Each file's blake3 is recomputed and compared. `global/pg_control` is written
 //! last, so an interrupted restore never looks like a startable cluster.
+//!
+//! Tablespaces go to their original locations or where `tablespace_map` (the
+//! option) puts them: the `pg_tblspc/<oid>` links are created, and the
+//! backup's `tablespace_map` file, from which PostgreSQL recreates those links
+//! when it starts, is rewritten for the tablespaces that moved.
 
 use std::collections::HashMap;
 use std::os::unix::fs::{FileExt, PermissionsExt};
@@ -25,6 +30,9 @@ use crate::storage::{self, Store};
 
 /// Bytes fetched in one ranged get at most (adjacent blobs are coalesced).
 const FETCH_MAX: u64 = 4 << 20;
+/// Raw (decompressed) bytes of one fetch group at most: table data compresses
+/// 10-20x, so this, not FETCH_MAX, bounds the memory a decoded group takes.
+const GROUP_RAW_MAX: u64 = 4 << 20;
 /// Files smaller than this are written in bundles by one task.
 const SMALL_FILE: u64 = 1 << 20;
 const BUNDLE_BYTES: u64 = 8 << 20;
@@ -44,6 +52,9 @@ pub struct MaterializeOptions {
     /// Check everything (blobs, chunk ids, file checksums) but write nothing
     /// (`verify --deep`).
     pub verify_only: bool,
+    /// Empty `dest` first (restore --force), once the tablespace directories
+    /// are known to be usable.
+    pub clear_dest: bool,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -66,6 +77,19 @@ struct Shared {
     verify_only: bool,
 }
 
+/// A backup ready to be written: its file list fetched and opened, and the
+/// tablespace directories checked. Nothing has been written yet, so a refusal
+/// up to here leaves the destination as it was.
+pub struct Prepared {
+    chunk_key: [u8; 32],
+    files_list: PathBuf,
+    plain: PathBuf,
+    reader: FilesReader<std::io::BufReader<std::fs::File>>,
+    roots: HashMap<u32, PathBuf>,
+    original: HashMap<u32, String>,
+    stats: MaterializeStats,
+}
+
 pub async fn materialize(
     store: &Store,
     desc: &LoadedDescriptor,
@@ -73,6 +97,18 @@ pub async fn materialize(
     manifest: &BackupManifest,
     opts: &MaterializeOptions,
 ) -> Result<MaterializeStats> {
+    let prepared = prepare(store, desc, opener, manifest, opts).await?;
+    write(prepared, store, opener, manifest, opts).await
+}
+
+/// Fetches and opens the file list and checks the tablespace directories.
+pub async fn prepare(
+    store: &Store,
+    desc: &LoadedDescriptor,
+    opener: &Opener,
+    manifest: &BackupManifest,
+    opts: &MaterializeOptions,
+) -> Result<Prepared> {
     let chunk_key = desc.descriptor.chunk_key(opener).context("cannot read the chunk key from the descriptor (wrong identity?)")?;
     std::fs::create_dir_all(&opts.spool).with_context(|| format!("cannot create {}", opts.spool.display()))?;
     let files_list = fetch_verified(store, &manifest.files, &opts.spool.join("files.sealed")).await?;
@@ -89,6 +125,16 @@ pub async fn materialize(
 
     let mut stats = MaterializeStats::default();
     let mut roots: HashMap<u32, PathBuf> = HashMap::new();
+    let original: HashMap<u32, String> = reader.header.tablespaces.iter().map(|t| (t.oid, t.location.clone())).collect();
+    for oid in opts.tablespace_map.keys() {
+        if !original.contains_key(oid) {
+            let known: Vec<String> = original.iter().map(|(o, l)| format!("{o} ({l})")).collect();
+            return Err(Error::Usage(format!(
+                "--tablespace-map {oid}=...: the backup has no tablespace with OID {oid}; its tablespaces: {}",
+                if known.is_empty() { "none".to_string() } else { known.join(", ") }
+            )));
+        }
+    }
     for ts in &reader.header.tablespaces {
         let dir = opts.tablespace_map.get(&ts.oid).cloned().unwrap_or_else(|| PathBuf::from(&ts.location));
         if !opts.verify_only {
@@ -97,13 +143,26 @@ pub async fn materialize(
         roots.insert(ts.oid, dir.clone());
         stats.tablespaces.push((ts.oid, dir));
     }
-    for oid in opts.tablespace_map.keys() {
-        if !roots.contains_key(oid) {
-            return Err(Error::Usage(format!("--tablespace-map {oid}=...: the backup has no tablespace with OID {oid}")));
-        }
-    }
+    Ok(Prepared { chunk_key, files_list, plain, reader, roots, original, stats })
+}
+
+/// Writes a prepared backup into the destination (`pg_control` last).
+pub async fn write(
+    prepared: Prepared,
+    store: &Store,
+    opener: &Opener,
+    manifest: &BackupManifest,
+    opts: &MaterializeOptions,
+) -> Result<MaterializeStats> {
+    let Prepared { chunk_key, files_list, plain, reader, roots, original, mut stats } = prepared;
     if !opts.verify_only {
+        if opts.clear_dest {
+            clear_dir(&opts.dest)?;
+        }
         create_dir(&opts.dest, 0o700, opts.owner)?;
+        for (oid, root) in &stats.tablespaces {
+            create_dir(root, 0o700, opts.owner).with_context(|| format!("tablespace {oid}"))?;
+        }
     }
 
     let shared = Arc::new(Shared {
@@ -123,15 +182,23 @@ pub async fn materialize(
     let mut bundle: Vec<(PathBuf, FileEntry)> = Vec::new();
     let mut bundle_bytes = 0;
     let mut pg_control = None;
+    let mut has_tablespace_map = false;
     for entry in reader {
         let entry = entry?;
+        has_tablespace_map |= entry.path == "tablespace_map" && entry.kind == FileKind::File;
         let path = target_path(&opts.dest, &roots, &entry.path)?;
         match entry.kind {
             FileKind::Dir | FileKind::Symlink if opts.verify_only => {}
+            FileKind::Dir if roots.values().any(|r| *r == path) => {}
             FileKind::Dir => create_dir(&path, entry.mode, opts.owner)?,
             FileKind::Symlink => {
-                let target = entry.target.clone().unwrap_or_default();
-                std::os::unix::fs::symlink(&target, &path).with_context(|| format!("cannot create link {}", path.display()))?;
+                // A tablespace link (servers that send links rather than a
+                // tablespace_map) points at wherever the tablespace goes now.
+                let (path, target) = match tablespace_link(&opts.dest, &roots, &entry.path) {
+                    Some(link) => link,
+                    None => (path, PathBuf::from(entry.target.clone().unwrap_or_default())),
+                };
+                symlink(&target, &path, opts.owner)?;
             }
             FileKind::File => {
                 stats.files += 1;
@@ -172,6 +239,18 @@ pub async fn materialize(
     for r in results {
         r?;
     }
+    if !opts.verify_only && !roots.is_empty() {
+        link_tablespaces(&opts.dest, &reader_tablespaces(&roots), opts.owner)?;
+        if has_tablespace_map {
+            let moved: Vec<(u32, &Path)> = reader_tablespaces(&roots)
+                .into_iter()
+                .filter(|(oid, dir)| original.get(oid).is_none_or(|o| Path::new(o) != *dir))
+                .collect();
+            if !moved.is_empty() {
+                rewrite_tablespace_map(&opts.dest.join("tablespace_map"), &roots, opts.owner)?;
+            }
+        }
+    }
     let (path, entry) = pg_control.ok_or_else(|| bad_manifest(manifest, "no global/pg_control in the backup"))?;
     write_file(&shared, &path, &entry).await?;
     let _ = std::fs::remove_file(&plain);
@@ -195,6 +274,71 @@ fn target_path(dest: &Path, roots: &HashMap<u32, PathBuf>, rel: &str) -> Result<
         }
     }
     Ok(dest.join(rel))
+}
+
+/// The link `pg_tblspc/<oid>` and where it points, for a tablespace link member.
+fn tablespace_link(dest: &Path, roots: &HashMap<u32, PathBuf>, rel: &str) -> Option<(PathBuf, PathBuf)> {
+    let oid: u32 = rel.strip_prefix("pg_tblspc/")?.parse().ok()?;
+    Some((dest.join(rel), roots.get(&oid)?.clone()))
+}
+
+fn reader_tablespaces(roots: &HashMap<u32, PathBuf>) -> Vec<(u32, &Path)> {
+    let mut v: Vec<(u32, &Path)> = roots.iter().map(|(o, p)| (*o, p.as_path())).collect();
+    v.sort();
+    v
+}
+
+/// Creates (or replaces) the `pg_tblspc/<oid>` links, as pg_basebackup does
+/// for a plain-format backup, so the directory is complete before PostgreSQL
+/// ever starts (pg_verifybackup follows these links).
+fn link_tablespaces(dest: &Path, tablespaces: &[(u32, &Path)], owner: Option<(u32, u32)>) -> Result<()> {
+    let dir = dest.join("pg_tblspc");
+    if !dir.exists() {
+        create_dir(&dir, 0o700, owner)?;
+    }
+    for (oid, root) in tablespaces {
+        let link = dir.join(oid.to_string());
+        if std::fs::symlink_metadata(&link).is_ok() {
+            std::fs::remove_file(&link).with_context(|| format!("cannot replace {}", link.display()))?;
+        }
+        symlink(root, &link, owner)?;
+    }
+    Ok(())
+}
+
+/// Writes `tablespace_map` with the tablespaces' new directories, in the
+/// server's format: `<oid> <path>` per line, with `\`, `\n` and `\r` in the
+/// path escaped by a backslash.
+fn rewrite_tablespace_map(path: &Path, roots: &HashMap<u32, PathBuf>, owner: Option<(u32, u32)>) -> Result<()> {
+    let mut text = String::new();
+    for (oid, root) in reader_tablespaces(roots) {
+        let mut escaped = String::new();
+        for c in root.to_string_lossy().chars() {
+            if matches!(c, '\\' | '\n' | '\r') {
+                escaped.push('\\');
+            }
+            escaped.push(c);
+        }
+        text.push_str(&format!("{oid} {escaped}\n"));
+    }
+    crate::util::write_file_atomic(path, text.as_bytes(), 0o600).with_context(|| format!("cannot write {}", path.display()))?;
+    chown(path, owner)
+}
+
+fn symlink(target: &Path, link: &Path, owner: Option<(u32, u32)>) -> Result<()> {
+    std::os::unix::fs::symlink(target, link).with_context(|| format!("cannot create link {}", link.display()))?;
+    chown(link, owner)
+}
+
+/// Empties a directory (restore --force).
+fn clear_dir(dir: &Path) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Ok(()) };
+    for e in entries.flatten() {
+        let p = e.path();
+        let r = if e.file_type().map(|t| t.is_dir()).unwrap_or(false) { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+        r.with_context(|| format!("--force: cannot remove {}", p.display()))?;
+    }
+    Ok(())
 }
 
 fn check_empty_dir(dir: &Path) -> Result<()> {
@@ -258,6 +402,7 @@ struct FetchGroup {
     pack: u32,
     start: u64,
     end: u64,
+    raw: u64,
     runs: Vec<BlobRun>,
 }
 
@@ -265,14 +410,19 @@ fn fetch_groups(runs: &[BlobRun]) -> Vec<FetchGroup> {
     let mut out: Vec<FetchGroup> = Vec::new();
     for run in runs {
         let end = run.o + run.l as u64;
+        let raw: u64 = run.c.iter().map(|c| c.2 as u64).sum();
         match out.last_mut() {
             Some(g)
-                if g.pack == run.p && (run.o == g.end || (run.o >= g.start && end <= g.end)) && end.max(g.end) - g.start <= FETCH_MAX =>
+                if g.pack == run.p
+                    && (run.o == g.end || (run.o >= g.start && end <= g.end))
+                    && end.max(g.end) - g.start <= FETCH_MAX
+                    && g.raw + raw <= GROUP_RAW_MAX =>
             {
                 g.end = g.end.max(end);
+                g.raw += raw;
                 g.runs.push(run.clone());
             }
-            _ => out.push(FetchGroup { pack: run.p, start: run.o, end, runs: vec![run.clone()] }),
+            _ => out.push(FetchGroup { pack: run.p, start: run.o, end, raw, runs: vec![run.clone()] }),
         }
     }
     out
@@ -304,14 +454,19 @@ async fn write_file(shared: &Arc<Shared>, path: &Path, entry: &FileEntry) -> Res
     let mut hasher = FileHasher::new();
     let mut offset = 0u64;
     let groups = fetch_groups(&entry.blobs);
+    // Decoding runs in tasks of its own: a decode that holds a CPU-pool permit
+    // must finish (and give it back) even while this loop waits for the pool
+    // to write the previous group; polled only from here, it would not, and
+    // files waiting on each other's permits would deadlock.
     let mut decoded = futures::stream::iter(groups)
         .map(|g| {
             let shared = shared.clone();
-            async move { decode_group(&shared, g).await }
+            tokio::spawn(async move { decode_group(&shared, g).await })
         })
         .buffered(2);
     // Chaining values depend on the file offset, so they are computed here in order.
     while let Some(group) = decoded.next().await {
+        let group = group.map_err(|e| Error::failed(format!("restoring {}: decoding task failed: {e}", entry.path)))?;
         let group = group.with_context(|| format!("restoring {}", entry.path))?;
         let file = file.clone();
         let start = offset;
@@ -420,4 +575,28 @@ async fn decode_group(shared: &Arc<Shared>, g: FetchGroup) -> Result<Decoded> {
             Ok(Decoded { chunks })
         })
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(p: u32, o: u64, l: u32, raw_chunks: usize) -> BlobRun {
+        BlobRun { p, o, l, h: String::new(), c: (0..raw_chunks).map(|_| (0, 0, CHUNK_SIZE as u32, String::new())).collect() }
+    }
+
+    #[test]
+    fn fetch_groups_coalesce_adjacent_blobs_within_bounds() {
+        // Adjacent blobs of one pack: one group; another pack: a new group.
+        let g = fetch_groups(&[run(0, 0, 100, 1), run(0, 100, 100, 1), run(1, 200, 100, 1)]);
+        assert_eq!(g.iter().map(|g| (g.pack, g.start, g.end, g.runs.len())).collect::<Vec<_>>(), vec![(0, 0, 200, 2), (1, 200, 300, 1)]);
+        // A second run in the same blob joins its group.
+        assert_eq!(fetch_groups(&[run(0, 0, 100, 1), run(0, 0, 100, 1)]).len(), 1);
+        // Well-compressed blobs: the raw size, not the stored size, ends a group.
+        let runs: Vec<BlobRun> = (0..40).map(|i| run(0, i * 1000, 1000, 16)).collect();
+        let groups = fetch_groups(&runs);
+        assert!(groups.iter().all(|g| g.raw <= GROUP_RAW_MAX), "decoded groups stay bounded");
+        assert_eq!(groups.iter().map(|g| g.runs.len()).sum::<usize>(), 40);
+        assert!(groups.len() >= 10);
+    }
 }

@@ -903,6 +903,7 @@ async fn deep_backup(
         owner: None,
         progress: None,
         verify_only: true,
+        clear_dest: false,
     };
     let result = super::materialize::materialize(ctx.store, ctx.desc, opener, b, &opts).await.map_err(|e| match e.root() {
         // Materialize names repository objects, or a file of the backup by its path.

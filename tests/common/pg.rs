@@ -142,6 +142,13 @@ impl PgCluster {
     /// archive into the repository it came from). Stopped on drop; the data
     /// directory is left where it is.
     pub fn adopt(data: &Path) -> PgCluster {
+        Self::adopt_with(data, false)
+    }
+
+    /// `adopt`, keeping the directory's archiving settings when `archiving`
+    /// (a restored cluster that becomes the new primary, archiving into the
+    /// repository it came from).
+    pub fn adopt_with(data: &Path, archiving: bool) -> PgCluster {
         let bin = pg_bin_dir();
         let owner = postgres_owner();
         let dir = tempfile::Builder::new().prefix("walvault-adopt-").tempdir_in("/tmp").expect("create a temp dir under /tmp");
@@ -165,9 +172,10 @@ impl PgCluster {
             let mut f = OpenOptions::new().append(true).open(data.join("postgresql.auto.conf")).expect("open postgresql.auto.conf");
             writeln!(
                 f,
-                "port = {}\nunix_socket_directories = {}\narchive_mode = off\nlisten_addresses = ''",
+                "port = {}\nunix_socket_directories = {}\nlisten_addresses = ''{}",
                 cluster.port,
-                quote_literal(&cluster.root.display().to_string())
+                quote_literal(&cluster.root.display().to_string()),
+                if archiving { "" } else { "\narchive_mode = off" }
             )
             .unwrap();
             match cluster.spawn_and_wait() {
