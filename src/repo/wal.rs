@@ -107,7 +107,7 @@ impl WalArchive {
             Err(e) => return Err(e.into()),
         };
         let header = record::decode_header(&head, &self.desc.trusted_key, &key)?;
-        if header.record.file != file {
+        if header.record.file != signed_name(file) {
             return Err(RepoError::Integrity {
                 object: key,
                 message: format!("the signed record is for '{}', not '{file}' (objects were swapped)", header.record.file),
@@ -238,7 +238,7 @@ impl WalArchive {
             Err(e) => return Err(e.into()),
         };
         let (header, payload) = split_header(stream, &self.desc, &key).await?;
-        if header.record.file != file {
+        if header.record.file != signed_name(file) {
             return Err(RepoError::Integrity {
                 object: key,
                 message: format!("the signed record is for '{}', not '{file}' (objects were swapped)", header.record.file),
@@ -298,6 +298,12 @@ impl WalArchive {
         out.sort_by(|a, b| a.file.cmp(&b.file).then(a.streaming.cmp(&b.streaming)));
         Ok(out)
     }
+}
+
+/// The file name a record signs: a streaming copy's record names its segment
+/// (`put_streaming` seals under the segment name; `valid_bytes` marks the copy).
+fn signed_name(file: &str) -> &str {
+    file.strip_suffix(STREAMING_SUFFIX).unwrap_or(file)
 }
 
 pub fn parse_hash(hex: &str, object: &str) -> Result<blake3::Hash, RepoError> {
