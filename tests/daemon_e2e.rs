@@ -191,7 +191,7 @@ fn a_failing_scheduled_backup_raises_an_alert_and_turns_health_red() {
     let fire = chrono::Utc::now() + chrono::Duration::seconds(15);
     env.set("schedule.base_backup", &format!("\"{}\"", fire.format("%-S %-M %-H * * *")));
     let daemon = Daemon::start(&mut env);
-    assert_eq!(daemon.health().0, 200, "{}", daemon.health().1);
+    daemon.wait_for("a healthy daemon before the scheduled run", Duration::from_secs(14), || daemon.health().0 == 200);
 
     daemon.wait_for("the backup_failed alert", Duration::from_secs(120), || {
         std::fs::read_to_string(&alerts).unwrap_or_default().contains("\"backup_failed\"")

@@ -22,8 +22,8 @@ fn a_store_outage_turns_health_red_and_streaming_recovers_without_a_gap() {
         .set("schedule.base_backup", "\"0 0 3 1 1 *\"")
         .set("wal.partial_interval", "\"1s\"")
         .set("alerts.wal_lag", "\"10s\"")
-        .set("daemon.slot_warn_bytes", "\"8MiB\"")
-        .set("repository.timeout", "\"5s\"")
+        // Above what the slot holds while the streamer catches up at start (some 20 MiB).
+        .set("daemon.slot_warn_bytes", "\"32MiB\"")
         .build();
     let alerts = env.dir.join("alerts.jsonl");
     env.set("alerts.command", &format!("\"cat >> {}\"", alerts.display()));
@@ -45,7 +45,7 @@ fn a_store_outage_turns_health_red_and_streaming_recovers_without_a_gap() {
     eprintln!("unhealthy after {:?}: {health}", stopped.elapsed());
     // The slot keeps what the repository does not have yet; the daemon says so.
     daemon.wait_for("the retained WAL warning", Duration::from_secs(60), || daemon.log_text().contains("makes the server keep"));
-    assert!(daemon.metric("slot_retained_bytes") >= (8 << 20) as f64);
+    assert!(daemon.metric("slot_retained_bytes") >= (32 << 20) as f64);
     if let Some(rest) = Duration::from_secs(30).checked_sub(stopped.elapsed()) {
         std::thread::sleep(rest);
     }
@@ -57,7 +57,13 @@ fn a_store_outage_turns_health_red_and_streaming_recovers_without_a_gap() {
 
     s3.start_again();
     let back = Instant::now();
-    daemon.wait_for("/healthz to turn healthy again", Duration::from_secs(240), || daemon.health().0 == 200);
+    let recovered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        daemon.wait_for("/healthz to turn healthy again", Duration::from_secs(240), || daemon.health().0 == 200)
+    }));
+    if let Err(panic) = recovered {
+        eprintln!("{}", s3.failure("the S3 server after its restart"));
+        std::panic::resume_unwind(panic);
+    }
     eprintln!("healthy again {:?} after the store came back", back.elapsed());
     load.kill().ok();
     load.wait().ok();
@@ -73,7 +79,7 @@ fn a_store_outage_turns_health_red_and_streaming_recovers_without_a_gap() {
     assert_eq!(info["timelines"].as_array().unwrap().len(), 1, "{info:#}");
     assert_eq!(timeline["gaps"], serde_json::json!([]), "{info:#}");
     assert_eq!(timeline["wal_ranges"].as_array().unwrap().len(), 1, "{info:#}");
-    assert_eq!(timeline["wal_ranges"][0]["first"], info["backups"][0]["wal_first"], "{info:#}");
+    assert!(timeline["wal_ranges"][0]["first"].as_str() <= info["backups"][0]["wal_first"].as_str(), "{info:#}");
     assert_eq!(info["backups"][0]["restorable"], true);
     assert!(daemon.metrics()["walvault_failures_total{kind=\"store\"}"] >= 1.0);
 

@@ -154,6 +154,9 @@ struct Session<'a> {
     partial_uploaded: Lsn,
     flushed: Lsn,
     received: Lsn,
+    /// A segment upload failed: later segments may still land, but WAL is no
+    /// longer stored in order, so `flushed` stays where the failure is.
+    upload_failed: bool,
 }
 
 impl<'a> Session<'a> {
@@ -171,6 +174,7 @@ impl<'a> Session<'a> {
             partial_uploaded: Lsn(0),
             flushed: Lsn(0),
             received: Lsn(0),
+            upload_failed: false,
         }
     }
 
@@ -242,27 +246,55 @@ impl<'a> Session<'a> {
             .filter(|e| e.kind == super::lsn::WalFileKind::Segment && !e.streaming)
             .filter_map(|e| WalSegmentName::parse(&e.file, self.seg_size))
             .max_by_key(|s| (s.segno, s.tli));
+        let slot_restart = self.slot_restart(conn).await?;
         if let Some(seg) = newest {
-            self.prev_plain = self.archive.read_header(&seg.to_string()).await?.map(|h| (seg, h.record.plain_blake3));
-            let start = seg.end_lsn();
+            let mut start = seg.end_lsn();
+            // Segments are stored several at once, so a later one can be in the
+            // repository while an earlier one failed (the store went away).
+            // Resume where WAL is stored in order: the slot's restart_lsn follows
+            // the flush position reported, which only advances in order, and so
+            // does this process's own. Segments already stored are pushed again
+            // as identical.
+            let own = Some(self.state.lock().unwrap().flushed).filter(|l| l.is_valid());
+            if let Some(in_order) = slot_restart.into_iter().chain(own).max() {
+                let resume = in_order.segment_start(self.seg_size);
+                if resume < start {
+                    tracing::info!(resume = %resume, newest = %seg, "resuming before the newest stored segment: the WAL after {resume} was not all stored");
+                    start = resume;
+                }
+            }
             let tli = self.timeline_for(conn, server_tli, seg.tli, start).await?;
+            let first = WalSegmentName::of_lsn(tli, start, self.seg_size);
+            self.prev_plain = match first.prev() {
+                Some(p) => self.archive.read_header(&p.to_string()).await?.map(|h| (p, h.record.plain_blake3)),
+                None => None,
+            };
             return Ok((start, tli));
         }
         let mut start = xlogpos;
-        if conn.server_version_num() >= 150000 {
-            let sets = conn.simple_query(&format!("READ_REPLICATION_SLOT \"{}\"", self.settings.slot)).await?;
-            if let Some(restart) =
-                sets.first().and_then(|s| s.rows.first()).and_then(|r| r.get(1).cloned().flatten()).and_then(|l| l.parse::<Lsn>().ok())
-            {
-                if restart.is_valid() && restart < start {
-                    start = restart;
-                }
+        if let Some(restart) = slot_restart {
+            if restart < start {
+                start = restart;
             }
         }
         if server_tli > 1 {
             self.store_history(conn, server_tli).await?;
         }
         Ok((start.segment_start(self.seg_size), server_tli))
+    }
+
+    /// The slot's restart_lsn (PostgreSQL 15 and later; None before, or for a new slot).
+    async fn slot_restart(&self, conn: &mut Connection) -> Result<Option<Lsn>> {
+        if conn.server_version_num() < 150000 {
+            return Ok(None);
+        }
+        let sets = conn.simple_query(&format!("READ_REPLICATION_SLOT \"{}\"", self.settings.slot)).await?;
+        Ok(sets
+            .first()
+            .and_then(|s| s.rows.first())
+            .and_then(|r| r.get(1).cloned().flatten())
+            .and_then(|l| l.parse::<Lsn>().ok())
+            .filter(|l| l.is_valid()))
     }
 
     /// The timeline that holds `start` on the server's history.
@@ -435,7 +467,23 @@ impl<'a> Session<'a> {
 
     async fn wait_oldest_upload(&mut self) -> Result<()> {
         let Some(up) = self.uploads.pop_front() else { return Ok(()) };
-        let outcome = up.task.await.map_err(|e| Error::failed(format!("segment upload task failed: {e}")))??;
+        let outcome = match up.task.await {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(e)) => {
+                self.upload_failed = true;
+                return Err(e.into());
+            }
+            Err(e) => {
+                self.upload_failed = true;
+                return Err(Error::failed(format!("segment upload task failed: {e}")));
+            }
+        };
+        if self.upload_failed {
+            // Stored, but an earlier segment is not: reporting it flushed would
+            // let the server recycle the missing one.
+            tracing::debug!(segment = %up.name, "segment stored after an earlier one failed; the flush position stays");
+            return Ok(());
+        }
         if outcome == PushOutcome::AlreadyIdentical {
             tracing::debug!(segment = %up.name, "segment was already in the repository");
         }
@@ -461,7 +509,7 @@ impl<'a> Session<'a> {
             match task.await {
                 Ok(Ok(())) => {
                     self.partial_uploaded = end;
-                    if self.uploads.is_empty() && end > self.flushed {
+                    if !self.upload_failed && self.uploads.is_empty() && end > self.flushed {
                         self.flushed = end;
                         let mut st = self.state.lock().unwrap();
                         st.flushed = end;

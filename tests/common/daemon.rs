@@ -149,7 +149,14 @@ impl Drop for Daemon {
             child.kill().ok();
             child.wait().ok();
             if std::thread::panicking() {
-                eprintln!("daemon log ({}):\n{}", self.log.display(), self.log_tail());
+                // The environment's directory goes with the test: keep the whole log.
+                let keep = std::env::temp_dir().join(format!("walvault-daemon-{}-{}.log", std::process::id(), child.id()));
+                let kept = std::fs::copy(&self.log, &keep).is_ok();
+                eprintln!(
+                    "daemon log tail{}:\n{}",
+                    if kept { format!(" (all of it in {})", keep.display()) } else { String::new() },
+                    self.log_tail()
+                );
             }
         }
     }

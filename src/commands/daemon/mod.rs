@@ -66,7 +66,9 @@ pub async fn run(ctx: Ctx) -> Result<i32> {
     let mut backup: Option<JoinHandle<()>> = None;
     let mut background = Background::default();
     refresh_snapshot(&ctx, &store, &state).await;
+    background.refreshed = Some(Instant::now());
     let mut startup_decided = false;
+    let mut gap_handled: Option<String> = None;
     let mut next_fire = state.lock().unwrap().schedule.next_after(chrono::Utc::now());
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -135,10 +137,17 @@ pub async fn run(ctx: Ctx) -> Result<i32> {
                 if streamer.is_none() {
                     streamer = start_or_log(&ctx, &state).await;
                 }
+                let idle = backup.as_ref().is_none_or(|b| b.is_finished());
                 let needs = stream_state.lock().unwrap().needs_backup;
-                if needs && backup.as_ref().is_none_or(|b| b.is_finished()) {
+                let gap = state.lock().unwrap().wal_gap().map(str::to_string).filter(|g| gap_handled.as_ref() != Some(g));
+                if needs && idle {
                     stream_state.lock().unwrap().needs_backup = false;
                     alerts::raise(&ctx, &state, "wal_gap", "the server removed WAL before it reached the repository; a new base backup was started so that restores are possible again", serde_json::json!({}));
+                    backup = Some(spawn_backup(ctx.clone(), store.clone(), state.clone(), shutdown.clone(), "after a WAL gap"));
+                } else if let (Some(g), true) = (gap, idle) {
+                    // Once per gap: if this backup fails, the schedule tries again.
+                    alerts::raise(&ctx, &state, "wal_gap", &format!("WAL segment {g} is missing from the repository after the newest backup; restores cannot go past it, so a new base backup was started"), serde_json::json!({"missing": g}));
+                    gap_handled = Some(g);
                     backup = Some(spawn_backup(ctx.clone(), store.clone(), state.clone(), shutdown.clone(), "after a WAL gap"));
                 }
                 background.run_due(&ctx, &store, &state);

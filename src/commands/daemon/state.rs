@@ -25,9 +25,10 @@ pub struct RepoSnapshot {
     pub window_end: Option<DateTime<Utc>>,
     pub last_archived: Option<DateTime<Utc>>,
     pub gaps: u64,
-    /// The first segment missing after the newest restorable backup, if its WAL
-    /// stops at a gap: restores cannot go past it until the next backup.
-    pub gap_after_newest: Option<String>,
+    /// The first segment missing after the newest restorable backup, and where
+    /// it starts, if its WAL stops at a gap: restores cannot go past it until
+    /// the next backup.
+    pub gap_after_newest: Option<(String, Lsn)>,
 }
 
 impl RepoSnapshot {
@@ -42,7 +43,11 @@ impl RepoSnapshot {
             window_end: windows.last().and_then(|w| w.end_time),
             last_archived: c.last_stored.values().map(|(_, t)| *t).chain(c.streaming.values().map(|(_, _, t)| *t)).max(),
             gaps: c.gaps().values().map(|g| g.len() as u64).sum(),
-            gap_after_newest: windows.last().and_then(|w| w.gap_at.clone()),
+            gap_after_newest: windows.last().and_then(|w| {
+                let name = w.gap_at.clone()?;
+                let seg = crate::pg::WalSegmentName::parse(&name, c.seg_size)?;
+                Some((name, seg.start_lsn()))
+            }),
         }
     }
 }
@@ -234,12 +239,21 @@ impl DaemonState {
         if let Some(p) = self.backup_problem(now) {
             out.push(p);
         }
-        if let Some(seg) = self.repo.as_ref().and_then(|r| r.gap_after_newest.as_ref()) {
+        if let Some(seg) = self.wal_gap() {
             out.push(format!(
                 "the WAL after the newest backup stops at a gap ({seg} is missing): restores cannot go past it until a new backup"
             ));
         }
         out
+    }
+
+    /// A gap in the WAL after the newest backup, unless it is only segments
+    /// still being uploaded (several go at once, so a later one can land first):
+    /// a real gap starts before the position the streamer has stored in order.
+    pub fn wal_gap(&self) -> Option<&str> {
+        let (name, start) = self.repo.as_ref()?.gap_after_newest.as_ref()?;
+        let flushed = self.streamer.lock().unwrap().flushed;
+        (!flushed.is_valid() || *start < flushed).then_some(name.as_str())
     }
 
     fn backup_problem(&self, now: DateTime<Utc>) -> Option<String> {
@@ -424,10 +438,19 @@ mod tests {
     fn a_gap_after_the_newest_backup_is_unhealthy() {
         let mut st = state("0 0 2 * * *");
         st.last_backup = Some(backup("2026-01-10T02:10:00Z"));
-        st.repo = Some(RepoSnapshot { gap_after_newest: Some("000000010000000000000007".into()), ..Default::default() });
-        let problems = st.health_problems(t("2026-01-10T09:00:00Z"));
+        st.repo = Some(RepoSnapshot { gap_after_newest: Some(("000000010000000000000007".into(), Lsn(0x7000000))), ..Default::default() });
+        let now = t("2026-01-10T09:00:00Z");
+        // The streamer stores segments 7, 8 and 9 at once and 8 landed first: not a gap.
+        st.streamer.lock().unwrap().flushed = Lsn(0x7000000);
+        assert!(st.health_problems(now).is_empty());
+        assert_eq!(st.wal_gap(), None);
+        // The streamer has stored past it in order, or is not streaming: a gap.
+        st.streamer.lock().unwrap().flushed = Lsn(0xA000000);
+        let problems = st.health_problems(now);
         assert_eq!(problems.len(), 1);
         assert!(problems[0].contains("000000010000000000000007 is missing"), "{problems:?}");
+        st.streamer.lock().unwrap().flushed = Lsn(0);
+        assert_eq!(st.wal_gap(), Some("000000010000000000000007"));
     }
 
     #[test]
