@@ -34,6 +34,11 @@ impl Report {
         println!("warn  {what}: {detail}");
         self.json.push(serde_json::json!({"check": what, "ok": true, "warning": detail}));
     }
+    fn skip(&mut self, what: &str, why: impl Into<String>) {
+        let why = why.into();
+        println!("skip  {what}: {why}");
+        self.json.push(serde_json::json!({"check": what, "ok": null, "skipped": why}));
+    }
     fn fail(&mut self, what: &str, problem: impl Into<String>, fix: impl Into<String>) {
         let (problem, fix) = (problem.into(), fix.into());
         println!("FAIL  {what}: {problem}");
@@ -75,6 +80,7 @@ pub async fn run(ctx: &Ctx, args: &CheckArgs) -> Result<i32> {
         }
     };
     let mut desc = None;
+    let mut writable = false;
     if let (Some(store), Some(key)) = (&store, &key) {
         match Descriptor::load(store.as_ref(), Some(key.public())).await {
             Ok(d) => {
@@ -93,13 +99,16 @@ pub async fn run(ctx: &Ctx, args: &CheckArgs) -> Result<i32> {
         }
         .await;
         match round_trip {
-            Ok(true) => r.ok("repository writable", "an object was written, read back and deleted"),
+            Ok(true) => {
+                writable = true;
+                r.ok("repository writable", "an object was written, read back and deleted")
+            }
             Ok(false) => {
                 r.fail("repository writable", "an object read back differs from what was written", "check the store's consistency settings")
             }
             Err(e) => r.fail(
                 "repository writable",
-                e.to_string(),
+                format!("cannot write to {}: {e}", store.location()),
                 e.hint().unwrap_or("check the store's credentials: walvault needs put, get, list and delete"),
             ),
         }
@@ -116,13 +125,23 @@ pub async fn run(ctx: &Ctx, args: &CheckArgs) -> Result<i32> {
     let mut conn = match Connection::connect(&params, Mode::Replication).await {
         Ok(c) => c,
         Err(e) => {
+            // Find out why from a normal connection, when the role can open one:
+            // wal_level = minimal forbids WAL senders, and so replication connections.
+            let settings = server_settings(&params).await.ok();
             let fix = match e.code() {
-                Some("42501") | Some("28000") => {
-                    "give the role replication rights and allow it in pg_hba.conf: ALTER ROLE walvault REPLICATION; `host replication walvault <address> scram-sha-256`".to_string()
+                Some("42501") | Some("28000") => format!(
+                    "give the role replication rights and allow it in pg_hba.conf: ALTER ROLE \"{0}\" REPLICATION; `host replication {0} <address> scram-sha-256`",
+                    params.user
+                ),
+                Some("53300") if settings.as_ref().is_some_and(|(_, senders)| *senders < 2) => {
+                    "set max_wal_senders = 10 (and wal_level = replica) in postgresql.conf and restart PostgreSQL".to_string()
                 }
                 _ => e.hint().unwrap_or_else(|| "check postgres.conninfo".into()),
             };
             r.fail("replication connection", e.to_string(), fix);
+            if let Some((wal_level, senders)) = settings {
+                check_wal_settings(&mut r, &wal_level, senders);
+            }
             return finish(r);
         }
     };
@@ -144,25 +163,8 @@ pub async fn run(ctx: &Ctx, args: &CheckArgs) -> Result<i32> {
         }
     }
     let wal_level = conn.show("wal_level").await?;
-    if wal_level == "minimal" {
-        r.fail(
-            "wal_level",
-            "wal_level is minimal: WAL cannot be archived or streamed",
-            "set wal_level = replica in postgresql.conf and restart PostgreSQL",
-        );
-    } else {
-        r.ok("wal_level", wal_level);
-    }
     let senders: u32 = conn.show("max_wal_senders").await?.parse().unwrap_or(0);
-    if senders < 2 {
-        r.fail(
-            "max_wal_senders",
-            format!("max_wal_senders is {senders}; walvault needs 2 (streaming and a backup)"),
-            "set max_wal_senders = 10 and restart PostgreSQL",
-        );
-    } else {
-        r.ok("max_wal_senders", senders.to_string());
-    }
+    check_wal_settings(&mut r, &wal_level, senders);
     let slots: u32 = conn.show("max_replication_slots").await?.parse().unwrap_or(0);
     if slots < 1 {
         r.fail("max_replication_slots", "no replication slots are allowed", "set max_replication_slots = 10 and restart PostgreSQL");
@@ -201,7 +203,9 @@ pub async fn run(ctx: &Ctx, args: &CheckArgs) -> Result<i32> {
     let _ = conn.close().await;
 
     // Does WAL actually arrive? Switch segments and wait for the one just closed.
-    if !args.no_switch {
+    if !args.no_switch && !writable {
+        r.skip("WAL delivery", "the repository is not writable");
+    } else if !args.no_switch {
         if let (Some(store), Some(d)) = (&store, &desc) {
             match switch_wal(&params).await {
                 Ok(lsn) => {
@@ -250,13 +254,54 @@ fn finish(r: Report) -> Result<i32> {
     }
 }
 
-/// Forces a WAL segment switch over a normal SQL connection; returns the switch LSN.
-async fn switch_wal(params: &ConnParams) -> Result<Lsn> {
+fn check_wal_settings(r: &mut Report, wal_level: &str, senders: u32) {
+    if wal_level == "minimal" {
+        r.fail(
+            "wal_level",
+            "wal_level is minimal: WAL cannot be archived or streamed",
+            "set wal_level = replica in postgresql.conf and restart PostgreSQL",
+        );
+    } else {
+        r.ok("wal_level", wal_level);
+    }
+    if senders < 2 {
+        r.fail(
+            "max_wal_senders",
+            format!("max_wal_senders is {senders}; walvault needs 2 (streaming and a backup)"),
+            "set max_wal_senders = 10 and restart PostgreSQL",
+        );
+    } else {
+        r.ok("max_wal_senders", senders.to_string());
+    }
+}
+
+/// wal_level and max_wal_senders over a normal connection (for when a
+/// replication connection is refused).
+async fn server_settings(params: &ConnParams) -> Result<(String, u32)> {
+    let mut conn = Connection::connect(&database_params(params), Mode::Database).await?;
+    let wal_level = conn.show("wal_level").await?;
+    let senders = conn.show("max_wal_senders").await?.parse().unwrap_or(0);
+    let _ = conn.close().await;
+    Ok((wal_level, senders))
+}
+
+/// The replication conninfo, for a normal connection to a database.
+fn database_params(params: &ConnParams) -> ConnParams {
     let mut params = params.clone();
     if params.dbname.as_deref().is_none_or(|d| d == "replication") {
         params.dbname = Some("postgres".into());
     }
-    let mut conn = Connection::connect(&params, Mode::Database).await?;
+    params
+}
+
+/// Forces a WAL segment switch over a normal SQL connection; returns the switch LSN.
+async fn switch_wal(params: &ConnParams) -> Result<Lsn> {
+    let mut conn = Connection::connect(&database_params(params), Mode::Database).await?;
+    // On an idle server pg_switch_wal does nothing and names a segment that may
+    // have been archived long ago; a restore point makes sure there is new WAL
+    // to switch. (It needs the same rights as pg_switch_wal; without them the
+    // switch below fails and says so.)
+    let _ = conn.simple_query("SELECT pg_create_restore_point('walvault check')").await;
     let sets = conn.simple_query("SELECT pg_switch_wal()::text").await?;
     let _ = conn.close().await;
     let text = sets.first().and_then(|s| s.rows.first()).and_then(|r| r.first().cloned().flatten()).unwrap_or_default();

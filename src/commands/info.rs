@@ -90,7 +90,7 @@ pub fn backup_json(m: &BackupManifest) -> Value {
         "repository_bytes": m.stats.stored_referenced,
         "new_bytes": m.stats.stored_new,
         "new_raw_bytes": m.stats.bytes_new,
-        "dedup_ratio": ratio(m.stats.bytes, m.stats.bytes_new.max(1)),
+        "dedup_ratio": ratio(m.stats.bytes, m.stats.bytes_new),
         "compression_ratio": ratio(m.stats.bytes_new, m.stats.stored_new),
         "duration_ms": m.stats.duration_ms,
         "wal_first": m.wal_first,

@@ -2,6 +2,7 @@
 //! server, and helpers to drive the built `walvault` binary.
 #![allow(dead_code, unused_imports)]
 
+pub mod daemon;
 pub mod env;
 pub mod pg;
 pub mod s3;

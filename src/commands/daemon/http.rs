@@ -20,12 +20,22 @@ pub async fn serve(listener: TcpListener, state: Arc<Mutex<DaemonState>>, mut sh
         let Ok((mut sock, _)) = accepted else { continue };
         let state = state.clone();
         tokio::spawn(async move {
-            let mut buf = vec![0u8; 4096];
-            let n = match tokio::time::timeout(Duration::from_secs(5), sock.read(&mut buf)).await {
-                Ok(Ok(n)) => n,
-                _ => return,
+            // The request line may arrive in several reads; the headers are ignored.
+            let mut buf = Vec::with_capacity(1024);
+            let read_line = async {
+                let mut chunk = [0u8; 1024];
+                while !buf.windows(2).any(|w| w == b"\r\n") && buf.len() < 8192 {
+                    match sock.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return false,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                true
             };
-            let request = String::from_utf8_lossy(&buf[..n]);
+            if !matches!(tokio::time::timeout(Duration::from_secs(5), read_line).await, Ok(true)) {
+                return;
+            }
+            let request = String::from_utf8_lossy(&buf);
             let path = request.split_whitespace().nth(1).unwrap_or("/");
             let (status, ctype, body) = respond(path, &state);
             let head = format!("HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
@@ -38,10 +48,11 @@ pub async fn serve(listener: TcpListener, state: Arc<Mutex<DaemonState>>, mut sh
 
 fn respond(path: &str, state: &Arc<Mutex<DaemonState>>) -> (&'static str, &'static str, String) {
     let st = state.lock().unwrap();
+    let now = chrono::Utc::now();
     match path.split('?').next().unwrap_or("") {
-        "/metrics" => ("200 OK", "text/plain; version=0.0.4", st.metrics()),
+        "/metrics" => ("200 OK", "text/plain; version=0.0.4", st.metrics(now)),
         "/healthz" => {
-            let problems = st.health_problems(st.partial_interval);
+            let problems = st.health_problems(now);
             let body = serde_json::json!({"healthy": problems.is_empty(), "problems": problems}).to_string();
             if problems.is_empty() { ("200 OK", "application/json", body) } else { ("503 Service Unavailable", "application/json", body) }
         }
