@@ -166,12 +166,11 @@ fn want(ctx: &Ctx, spool: &Path, name: &str) {
 
 /// Stops the prefetch worker of a spool (after a replay) and removes the spool.
 pub fn stop_worker_and_clean(spool: &Path) {
-    if let Ok(pid) = std::fs::read_to_string(spool.join(PID_FILE)) {
-        if let Ok(pid) = pid.trim().parse::<i32>() {
-            if pid > 0 {
-                unsafe { libc::kill(pid, libc::SIGTERM) };
-            }
-        }
+    if let Ok(pid) = std::fs::read_to_string(spool.join(PID_FILE))
+        && let Ok(pid) = pid.trim().parse::<i32>()
+        && pid > 0
+    {
+        unsafe { libc::kill(pid, libc::SIGTERM) };
     }
     let _ = std::fs::remove_dir_all(spool);
 }

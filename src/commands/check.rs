@@ -150,17 +150,17 @@ pub async fn run(ctx: &Ctx, args: &CheckArgs) -> Result<i32> {
         "replication connection",
         format!("PostgreSQL {}, system identifier {}", conn.parameter("server_version").unwrap_or("?"), sys.system_identifier),
     );
-    if let Some(d) = &desc {
-        if d.descriptor.cluster.system_identifier != sys.system_identifier.to_string() {
-            r.fail(
-                "cluster",
-                format!(
-                    "the repository belongs to cluster {}, the server is {}",
-                    d.descriptor.cluster.system_identifier, sys.system_identifier
-                ),
-                "point repository.url at this cluster's repository",
-            );
-        }
+    if let Some(d) = &desc
+        && d.descriptor.cluster.system_identifier != sys.system_identifier.to_string()
+    {
+        r.fail(
+            "cluster",
+            format!(
+                "the repository belongs to cluster {}, the server is {}",
+                d.descriptor.cluster.system_identifier, sys.system_identifier
+            ),
+            "point repository.url at this cluster's repository",
+        );
     }
     let wal_level = conn.show("wal_level").await?;
     let senders: u32 = conn.show("max_wal_senders").await?.parse().unwrap_or(0);
@@ -205,9 +205,10 @@ pub async fn run(ctx: &Ctx, args: &CheckArgs) -> Result<i32> {
     // Does WAL actually arrive? Switch segments and wait for the one just closed.
     if !args.no_switch && !writable {
         r.skip("WAL delivery", "the repository is not writable");
-    } else if !args.no_switch {
-        if let (Some(store), Some(d)) = (&store, &desc) {
-            match switch_wal(&params).await {
+    } else if !args.no_switch
+        && let (Some(store), Some(d)) = (&store, &desc)
+    {
+        match switch_wal(&params).await {
                 Ok(lsn) => {
                     let seg = WalSegmentName::of_lsn(sys.timeline, Lsn(lsn.0.saturating_sub(1)), d.descriptor.cluster.wal_segment_size);
                     let archive = WalArchive::new(store.clone(), std::sync::Arc::new(d.clone()), None);
@@ -239,7 +240,6 @@ pub async fn run(ctx: &Ctx, args: &CheckArgs) -> Result<i32> {
                     format!("cannot force a WAL switch ({e}); grant it with GRANT EXECUTE ON FUNCTION pg_switch_wal() TO <role>, or pass --no-switch"),
                 ),
             }
-        }
     }
     finish(r)
 }

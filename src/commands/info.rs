@@ -207,8 +207,8 @@ fn print_human(r: &Value) {
     } else {
         println!("backups");
         println!(
-            "  {:<18} {:<20} {:<12} {:>4} {:>10} {:>10} {:>10} {:>9}  {}",
-            "ID", "END (UTC)", "END LSN", "TLI", "SIZE", "NEW", "STORED", "TOOK", "LABEL"
+            "  {:<18} {:<20} {:<12} {:>4} {:>10} {:>10} {:>10} {:>9}  LABEL",
+            "ID", "END (UTC)", "END LSN", "TLI", "SIZE", "NEW", "STORED", "TOOK"
         );
         for b in &backups {
             let end: Option<chrono::DateTime<chrono::Utc>> = serde_json::from_value(b["end_time"].clone()).ok();

@@ -66,13 +66,13 @@ impl Ctx {
 
     /// The descriptor, verified with the agent's own key (for commands that write).
     pub async fn agent_descriptor(&self, store: &Store, key: &SigningKey) -> Result<Arc<LoadedDescriptor>> {
-        if let Some(pinned) = self.pinned_key()? {
-            if pinned != key.public() {
-                return Err(Error::with_hint(
-                    format!("signing.key_file holds {}, but signing.public_key pins {pinned}", key.public()),
-                    "use the agent key that matches the pinned public key, or update the pin",
-                ));
-            }
+        if let Some(pinned) = self.pinned_key()?
+            && pinned != key.public()
+        {
+            return Err(Error::with_hint(
+                format!("signing.key_file holds {}, but signing.public_key pins {pinned}", key.public()),
+                "use the agent key that matches the pinned public key, or update the pin",
+            ));
         }
         let desc = Descriptor::load(store.as_ref(), Some(key.public())).await?;
         let configured: Vec<String> = self.config.encryption.recipients.iter().map(|r| r.trim().to_string()).collect();

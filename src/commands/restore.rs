@@ -187,17 +187,16 @@ fn check_pgdata(pgdata: &Path, force: bool) -> Result<()> {
     if entries == 0 {
         return Ok(());
     }
-    if let Ok(pid) = std::fs::read_to_string(pgdata.join("postmaster.pid")) {
-        if let Some(pid) = pid.lines().next().and_then(|l| l.trim().parse::<i32>().ok()) {
-            // EPERM: the process exists but belongs to another user.
-            let alive =
-                pid > 0 && (unsafe { libc::kill(pid, 0) } == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM));
-            if alive {
-                return Err(Error::with_hint(
-                    format!("{} is in use by a running PostgreSQL server (pid {pid})", pgdata.display()),
-                    "stop the server first; restore never overwrites a running cluster (if no server runs there, remove the stale postmaster.pid)",
-                ));
-            }
+    if let Ok(pid) = std::fs::read_to_string(pgdata.join("postmaster.pid"))
+        && let Some(pid) = pid.lines().next().and_then(|l| l.trim().parse::<i32>().ok())
+    {
+        // EPERM: the process exists but belongs to another user.
+        let alive = pid > 0 && (unsafe { libc::kill(pid, 0) } == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM));
+        if alive {
+            return Err(Error::with_hint(
+                format!("{} is in use by a running PostgreSQL server (pid {pid})", pgdata.display()),
+                "stop the server first; restore never overwrites a running cluster (if no server runs there, remove the stale postmaster.pid)",
+            ));
         }
     }
     if !force {
@@ -598,7 +597,10 @@ async fn replay(ctx: &Ctx, postgres: &Path, pgdata: &Path, target: &RecoveryTarg
                         let _ = server.stop(Duration::from_secs(60)).await;
                         return Err(Error::with_hint(
                             format!("cannot read the replay status from the restored server: {e}"),
-                            format!("the server was stopped; its data directory {} is restored and can be started by hand", pgdata.display()),
+                            format!(
+                                "the server was stopped; its data directory {} is restored and can be started by hand",
+                                pgdata.display()
+                            ),
                         ));
                     }
                 }

@@ -106,10 +106,10 @@ pub fn parse_time(input: &str) -> Result<ParsedTime, String> {
 }
 
 fn split_zone(s: &str) -> (&str, Option<&str>) {
-    if let Some(b) = s.strip_suffix('Z').or_else(|| s.strip_suffix('z')) {
-        if b.ends_with(|c: char| c.is_ascii_digit()) {
-            return (b, Some("UTC"));
-        }
+    if let Some(b) = s.strip_suffix('Z').or_else(|| s.strip_suffix('z'))
+        && b.ends_with(|c: char| c.is_ascii_digit())
+    {
+        return (b, Some("UTC"));
     }
     if let Some(idx) = s.rfind(' ') {
         let word = &s[idx + 1..];

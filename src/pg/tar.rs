@@ -314,7 +314,7 @@ fn c_string(field: &[u8]) -> Result<String, TarError> {
 /// no empty or `.` segments, no trailing slash.
 pub fn normalize_path(path: &str) -> Result<String, TarError> {
     let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty() && *p != ".").collect();
-    if parts.is_empty() || parts.iter().any(|p| *p == "..") || path.starts_with('/') {
+    if parts.is_empty() || parts.contains(&"..") || path.starts_with('/') {
         return Err(TarError(format!("unsafe member path '{path}'")));
     }
     Ok(parts.join("/"))

@@ -389,10 +389,10 @@ impl BackupWriter {
         while let Some(r) = self.uploads.next().await {
             let _ = r;
         }
-        if let Some((w, _)) = self.pack.take() {
-            if let Ok((_, path)) = w.finish(&self.s.backup_id) {
-                let _ = std::fs::remove_file(path);
-            }
+        if let Some((w, _)) = self.pack.take()
+            && let Ok((_, path)) = w.finish(&self.s.backup_id)
+        {
+            let _ = std::fs::remove_file(path);
         }
     }
 }

@@ -164,10 +164,10 @@ impl Catalog {
                 segno += 1;
                 continue;
             }
-            if let Some((s, valid, _)) = self.streaming.get(&tli) {
-                if *s == segno {
-                    return (Lsn(segno * self.seg_size + valid), None);
-                }
+            if let Some((s, valid, _)) = self.streaming.get(&tli)
+                && *s == segno
+            {
+                return (Lsn(segno * self.seg_size + valid), None);
             }
             let reach = Lsn(segno * self.seg_size);
             // Is there WAL beyond this point on the path? Then this is a gap.
@@ -220,10 +220,10 @@ impl Catalog {
             let mut gaps = Vec::new();
             let mut prev: Option<u64> = None;
             for &s in segs {
-                if let Some(p) = prev {
-                    if s > p + 1 {
-                        gaps.push((p + 1, s - 1));
-                    }
+                if let Some(p) = prev
+                    && s > p + 1
+                {
+                    gaps.push((p + 1, s - 1));
                 }
                 prev = Some(s);
             }
@@ -298,6 +298,6 @@ async fn load_backups(store: &Store, desc: &LoadedDescriptor, parallel: usize) -
             Err(e) => broken.push((id, e.to_string())),
         }
     }
-    backups.sort_by(|a, b| (a.end_lsn, a.end_time).cmp(&(b.end_lsn, b.end_time)));
+    backups.sort_by_key(|a| (a.end_lsn, a.end_time));
     Ok((backups, broken, incomplete))
 }

@@ -211,10 +211,10 @@ impl RepoLock {
         if let Some(r) = self.refresher.take() {
             r.abort();
         }
-        if let Some(current) = read(&self.store, &self.key).await? {
-            if current.token == self.body.token {
-                self.store.delete_many(std::slice::from_ref(&self.key)).await?;
-            }
+        if let Some(current) = read(&self.store, &self.key).await?
+            && current.token == self.body.token
+        {
+            self.store.delete_many(std::slice::from_ref(&self.key)).await?;
         }
         Ok(())
     }

@@ -510,14 +510,14 @@ async fn write_file(shared: &Arc<Shared>, path: &Path, entry: &FileEntry) -> Res
         .into());
     }
     let actual = hasher.finalize();
-    if let Some(expected) = &entry.blake3 {
-        if actual.to_hex().as_str() != expected {
-            return Err(RepoError::Integrity {
-                object: entry.path.clone(),
-                message: format!("restored content has blake3 {}, the backup recorded {expected}", actual.to_hex()),
-            }
-            .into());
+    if let Some(expected) = &entry.blake3
+        && actual.to_hex().as_str() != expected
+    {
+        return Err(RepoError::Integrity {
+            object: entry.path.clone(),
+            message: format!("restored content has blake3 {}, the backup recorded {expected}", actual.to_hex()),
         }
+        .into());
     }
     Ok(())
 }

@@ -173,9 +173,13 @@ pub fn restore_and_keep(env: &Env, pg: &PgCluster, dir: &Path, args: &[&str]) ->
 /// commit in id order, so "the rows committed at or before X" is always
 /// `1..=n`. Restore points are created on the same connection between two
 /// markers.
+/// What the writer thread returns: the restore points it made, with the last
+/// marker id before each.
+type MarkerResult = Result<Vec<(String, i64)>, String>;
+
 pub struct MarkerWriter {
     stop: Arc<AtomicBool>,
-    handle: Option<std::thread::JoinHandle<Result<Vec<(String, i64)>, String>>>,
+    handle: Option<std::thread::JoinHandle<MarkerResult>>,
 }
 
 pub const MARKERS_DDL: &str = "create table markers(id bigint primary key, note text not null default 'm')";

@@ -162,10 +162,10 @@ pub async fn run(ctx: Ctx) -> Result<i32> {
     if let Some(s) = &streamer {
         let _ = s.stop.send(true);
     }
-    if let Some(b) = backup.take() {
-        if tokio::time::timeout_at(deadline, b).await.is_err() {
-            tracing::warn!("the backup did not stop in time; its lock expires by itself and its uploads are re-used by the next backup");
-        }
+    if let Some(b) = backup.take()
+        && tokio::time::timeout_at(deadline, b).await.is_err()
+    {
+        tracing::warn!("the backup did not stop in time; its lock expires by itself and its uploads are re-used by the next backup");
     }
     if let Some(s) = streamer.take() {
         s.stop(deadline).await;
