@@ -27,13 +27,7 @@ impl Progress {
             std::io::stderr().is_terminal() && !crate::logging::json_logs() && std::env::var_os("WALVAULT_NO_PROGRESS").is_none();
         let bar = interactive.then(|| {
             let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr_with_hz(4));
-            let color = crate::logging::use_color();
-            let template = if color {
-                "{msg:>10.bold} [{bar:30.cyan/blue}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}"
-            } else {
-                "{msg:>10} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}"
-            };
-            bar.set_style(ProgressStyle::with_template(template).expect("valid template").progress_chars("=> "));
+            bar.set_style(style(total > 0));
             bar.set_message(label.to_string());
             bar
         });
@@ -50,6 +44,7 @@ impl Progress {
     pub fn set_total(&self, total: u64) {
         self.total.store(total, Ordering::Relaxed);
         if let Some(b) = &self.bar {
+            b.set_style(style(total > 0));
             b.set_length(total);
         }
     }
@@ -91,6 +86,18 @@ impl Progress {
             b.finish_and_clear();
         }
     }
+}
+
+/// A bar with the total and ETA when the total is known; bytes and rate otherwise.
+fn style(known_total: bool) -> ProgressStyle {
+    let color = crate::logging::use_color();
+    let template = match (known_total, color) {
+        (true, true) => "{msg:>10.bold} [{bar:30.cyan/blue}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+        (true, false) => "{msg:>10} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+        (false, true) => "{msg:>10.bold} {spinner} {bytes} {bytes_per_sec} {elapsed}",
+        (false, false) => "{msg:>10} {spinner} {bytes} {bytes_per_sec} {elapsed}",
+    };
+    ProgressStyle::with_template(template).expect("valid template").progress_chars("=> ")
 }
 
 impl Drop for Progress {

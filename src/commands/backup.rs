@@ -256,8 +256,11 @@ async fn stream_backup(
     let mut prefix = String::new();
     let mut manifest_file: Option<std::fs::File> = None;
     let manifest_path = spool.join("backup_manifest");
-    let mut last_log = Instant::now();
+    let mut last_check = Instant::now();
     let mut received: u64 = 0;
+    // The total is the server's estimate (BASE_BACKUP's PROGRESS option): the
+    // tablespaces' sizes when the backup started.
+    let progress = crate::progress::Progress::new("backup", 0);
     let mut control: Option<Vec<u8>> = None;
     let mut in_control = false;
     let mut finished_at = None;
@@ -269,6 +272,7 @@ async fn stream_backup(
                     start = Some((start_lsn, timeline));
                 }
                 BackupEvent::Tablespaces(rows) => {
+                    progress.set_total(rows.iter().filter_map(|r| r.size_kb).sum::<u64>() * 1024);
                     let tablespaces = rows
                         .iter()
                         .filter_map(|r| Some(Tablespace { oid: r.oid?, location: r.location.clone().unwrap_or_default() }))
@@ -313,9 +317,9 @@ async fn stream_backup(
                             TarEvent::End => {}
                         }
                     }
-                    if last_log.elapsed() > Duration::from_secs(10) {
-                        last_log = Instant::now();
-                        tracing::info!(received = %crate::util::human_bytes(received), "backup in progress");
+                    progress.set(received);
+                    if last_check.elapsed() > Duration::from_secs(10) {
+                        last_check = Instant::now();
                         if lock.is_lost() {
                             return Err(Error::failed("the backup lock was taken by another process; stopping"));
                         }
@@ -344,6 +348,7 @@ async fn stream_backup(
         Ok(())
     }
     .await;
+    progress.finish();
     if let Err(e) = result {
         if let Some(w) = writer {
             w.abort().await;

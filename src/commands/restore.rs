@@ -71,13 +71,15 @@ pub async fn run(ctx: &Ctx, args: &RestoreArgs) -> Result<i32> {
     let owner = restore_owner(&pgdata)?.map(|(u, g, _)| (u, g));
     let started = Instant::now();
     let spool = ctx.config.spool_dir().join(format!("restore-{}", std::process::id()));
+    let bar = std::sync::Arc::new(crate::progress::Progress::new("restore", backup.stats.bytes));
+    let shown = bar.clone();
     let opts = MaterializeOptions {
         dest: pgdata.clone(),
         tablespace_map,
         parallel: ctx.config.repository.parallel.max(2),
         spool: spool.clone(),
         owner,
-        progress: None,
+        progress: Some(std::sync::Arc::new(move |done| shown.set(done))),
         verify_only: false,
         clear_dest: args.force,
     };
@@ -89,6 +91,7 @@ pub async fn run(ctx: &Ctx, args: &RestoreArgs) -> Result<i32> {
             .context("restore failed; the data directory is incomplete and must not be started"),
         Err(e) => Err(e.context("nothing was written")),
     };
+    bar.finish();
     let _ = std::fs::remove_dir_all(&spool);
     let stats = stats?;
     if let Some(sm) = &backup.server_manifest {

@@ -132,17 +132,22 @@ pub async fn run(ctx: &Ctx, args: &VerifyArgs) -> Result<i32> {
     report.trusted_key_fingerprint = Some(desc.trusted_key.fingerprint());
     report.key_pinned = desc.pinned;
     report.descriptor_generation = Some(desc.descriptor.generation);
+    // The total is not known before the listing; the display shows bytes read and the rate.
+    let bar = std::sync::Arc::new(crate::progress::Progress::new("verify", 0));
+    let shown = bar.clone();
     let opts = VerifyOptions {
         deep: opener,
         backup: args.backup.clone(),
         since,
         parallel: ctx.config.repository.parallel.max(2) * 2,
-        progress: None,
+        progress: Some(std::sync::Arc::new(move |done| shown.set(done))),
         previous: previous
             .as_ref()
             .map(|(_, p)| (p.inventory.clone().expect("checked when read"), p.trusted_key.clone().unwrap_or_default())),
     };
-    let outcome = verify::verify(&store, &desc, &opts).await?;
+    let outcome = verify::verify(&store, &desc, &opts).await;
+    bar.finish();
+    let outcome = outcome?;
     if !desc.pinned {
         report.warnings.push(verify::problem(
             "key_not_pinned",
