@@ -102,3 +102,57 @@ fn check_refused(env: &mut Env, bin_dir: &str, major: u32) {
     assert!(err.contains("hint: set postgres.bin_dir"), "{err}");
     assert!(!dest.exists() || std::fs::read_dir(&dest).unwrap().next().is_none(), "nothing was written");
 }
+
+/// The server's own backup manifest travels with the backup: a restored data
+/// directory (before any replay) passes the same version's `pg_verifybackup`.
+/// From 17 on the manifest is version 2 and names the system identifier, which
+/// pg_verifybackup checks against the restored pg_control.
+#[test]
+fn restored_directory_passes_pg_verifybackup() {
+    let pg = PgCluster::start(PgOptions::new());
+    let major = pg.major();
+    let env = Env::builder(&pg).set("wal.partial_interval", "\"1s\"").build();
+    env.run_ok(&["init"]);
+    let _stream = Streamer(env.cmd(&["stream"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
+    pg.psql("create table t as select g, md5(g::text) from generate_series(1, 20000) g");
+    env.run_ok(&["backup"]);
+
+    let dest = env.new_dir("plain").join("data");
+    env.run_ok(&["restore", "--pgdata", dest.to_str().unwrap(), "--target-immediate"]);
+    let manifest = std::fs::read_to_string(dest.join("backup_manifest")).expect("restore writes the server's backup_manifest");
+    let version = if major >= 17 { 2 } else { 1 };
+    assert!(manifest.contains(&format!("\"PostgreSQL-Backup-Manifest-Version\": {version}")), "PostgreSQL {major}: {}", &manifest[..200]);
+    if major >= 17 {
+        let sysid = pg.psql("select system_identifier from pg_control_system()");
+        assert!(manifest.contains(&format!("\"System-Identifier\": {sysid}")), "the v2 manifest names the cluster");
+    }
+    // -n: the WAL is not in pg_wal (recovery fetches it from the repository).
+    let out = pg.command(pg.bin("pg_verifybackup")).arg("-n").arg(&dest).output().unwrap();
+    assert!(
+        out.status.success(),
+        "pg_verifybackup {major} on the restored directory: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// PostgreSQL 18 deprecates MD5 passwords (the server warns when one is set,
+/// not yet at login): the client still authenticates with MD5 on every version,
+/// and from 18 on walvault itself tells the operator to move to SCRAM.
+#[test]
+fn md5_login_works_and_the_deprecation_warning_is_shown() {
+    let pg = PgCluster::start(PgOptions::new().hba("host all md5_user 127.0.0.1/32 md5").hba("host replication md5_user 127.0.0.1/32 md5"));
+    let major = pg.major();
+    pg.psql("SET password_encryption = 'md5'; CREATE ROLE md5_user LOGIN REPLICATION SUPERUSER PASSWORD 'md5-pw'");
+    let conninfo = format!("host=127.0.0.1 port={} user=md5_user password=md5-pw dbname=postgres sslmode=disable", pg.port());
+    let mut env = Env::new(&pg);
+    env.set("postgres.conninfo", &format!("\"{conninfo}\""));
+    let out = env.run(&["init"]);
+    let err = common::env::stderr(&out);
+    assert!(out.status.success(), "init over an MD5 login on PostgreSQL {major}: {err}");
+    if major >= 18 {
+        assert!(err.contains("deprecates MD5") && err.contains("scram-sha-256"), "the MD5 deprecation is shown: {err}");
+    } else {
+        assert!(!err.contains("deprecates MD5"), "no deprecation before 18: {err}");
+    }
+}

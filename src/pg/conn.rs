@@ -84,6 +84,16 @@ impl Connection {
         auth_method: AuthMethod,
         server_version_num: u32,
     ) -> Connection {
+        if auth_method == AuthMethod::Md5 && server_version_num >= 180000 {
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| {
+                tracing::warn!(
+                    "authenticated with an MD5 password: PostgreSQL {} deprecates MD5 and a later release removes it; \
+                     set password_encryption = 'scram-sha-256', set the role's password again and use scram-sha-256 in pg_hba.conf",
+                    server_version_num / 10000
+                )
+            });
+        }
         Connection { wire, endpoint, parameters, cancel_key, tls, auth_method, server_version_num }
     }
 
