@@ -131,6 +131,7 @@ async fn backup_locked(
             Some(p) => Some(seal_file(store, sealer, p, &layout::backup_server_manifest_key(&backup_id), ctx).await?),
             None => None,
         };
+        crate::crashpoint::crash_point("backup.files_sealed");
         let seg = desc.descriptor.cluster.wal_segment_size;
         let wal_first = WalSegmentName::of_lsn(start_tli, start_lsn, seg);
         let wal_last = WalSegmentName::of_lsn(end_tli, Lsn(end_lsn.0.saturating_sub(1).max(start_lsn.0)), seg);
@@ -140,6 +141,7 @@ async fn backup_locked(
             r = wait_for_wal(&archive, wal_first, wal_last, end_lsn, ctx.config.backup.wal_timeout) => r?,
             _ = crate::util::until_true(&mut cancel) => return Err(Error::failed("backup cancelled while waiting for WAL; no backup was recorded")),
         }
+        crate::crashpoint::crash_point("backup.wal_waited");
         if lock.is_lost() {
             return Err(Error::failed("the backup lock was taken by another process; this backup is abandoned"));
         }
@@ -173,6 +175,7 @@ async fn backup_locked(
             CreateOutcome::Created => {}
             CreateOutcome::AlreadyExists => return Err(Error::failed(format!("backup {backup_id} already exists (internal error)"))),
         }
+        crate::crashpoint::crash_point("backup.manifest_written");
         tracing::info!(
             backup = %backup_id,
             files = manifest.stats.files,

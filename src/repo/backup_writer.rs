@@ -398,5 +398,7 @@ impl BackupWriter {
 }
 
 async fn upload(store: Store, key: Arc<SigningKey>, index: PackIndex, path: PathBuf, parallel: usize) -> Result<(), RepoError> {
-    upload_pack(store.as_ref(), &key, &index, &path, parallel).await
+    upload_pack(store.as_ref(), &key, &index, &path, parallel).await?;
+    crate::crashpoint::crash_point("backup.pack_uploaded");
+    Ok(())
 }
