@@ -40,6 +40,7 @@ pub async fn run(ctx: &Ctx, args: &ArchivePushArgs) -> Result<i32> {
             // PostgreSQL archives a file again after a crash.
             tracing::warn!("{name} is already in the repository with the same content (blake3 {}); nothing to do", marker.plain);
         }
+        crate::crashpoint::crash_point("archive_push.before_exit");
         return Ok(0);
     }
 
