@@ -186,8 +186,8 @@ fn archive_push_killed_at_every_point_loses_nothing() {
     let plan = schedule(
         &mut rng,
         &[("archive_push.stored", 1), ("archive_push.before_exit", 1)],
-        if full() { 10 } else { 2 },
-        (0, 400),
+        if full() { 16 } else { 2 },
+        (30, 300),
         2,
     );
     let pg = archiving(&[]);
@@ -215,7 +215,7 @@ fn archive_push_killed_at_every_point_loses_nothing() {
             }
             Kill::After(delay) => {
                 // Slow puts so a kill lands inside the upload more often than not.
-                std::fs::write(env.dir.join("faults"), "put:*:delay=300;put_if_absent:*:delay=300").unwrap();
+                std::fs::write(env.dir.join("faults"), "head:*:delay=300;put:*:delay=300;put_if_absent:*:delay=300").unwrap();
                 chown_tree(&env.dir.join("faults"));
                 switch_wal(&pg);
                 let pid_file = env.dir.join("push.pid");
@@ -281,7 +281,7 @@ fn streamer_killed_at_every_point_loses_nothing() {
     let plan = schedule(
         &mut rng,
         &[("stream.segment_stored", 1), ("stream.segment_stored", 3), ("stream.before_status", 1), ("stream.before_status", 4)],
-        if full() { 8 } else { 1 },
+        if full() { 10 } else { 1 },
         (300, 3000),
         2,
     );
@@ -385,7 +385,7 @@ fn backup_expire_and_restore_killed_at_every_point_leave_nothing_broken() {
             ("backup.wal_waited", 1),
             ("backup.manifest_written", 1),
         ],
-        if full() { 6 } else { 1 },
+        if full() { 8 } else { 1 },
         (200, 2500),
         1,
     );
@@ -394,7 +394,7 @@ fn backup_expire_and_restore_killed_at_every_point_leave_nothing_broken() {
     let restore_plan = schedule(
         &mut rng,
         &[("restore.mid_write", 1), ("restore.mid_write", 10), ("restore.mid_write", 40)],
-        if full() { 3 } else { 0 },
+        if full() { 5 } else { 0 },
         (100, 1500),
         1,
     );
