@@ -71,8 +71,7 @@ fn assert_done_files_stored(pg: &PgCluster, env: &Env, after: &str) -> usize {
     let stored = repo_wal(env);
     // Retention rightly removes WAL older than the oldest kept backup needs.
     let info = env.info_json();
-    let oldest_needed =
-        info["backups"].as_array().and_then(|b| b.first()).and_then(|b| b["wal_first"].as_str()).unwrap_or("").to_string();
+    let oldest_needed = info["backups"].as_array().and_then(|b| b.first()).and_then(|b| b["wal_first"].as_str()).unwrap_or("").to_string();
     let status = pg.data_dir().join("pg_wal/archive_status");
     let mut checked = 0;
     let mut lost = Vec::new();
@@ -183,13 +182,8 @@ fn crash_lines(env: &Env, line: &str) -> usize {
 #[test]
 fn archive_push_killed_at_every_point_loses_nothing() {
     let mut rng = Rng::new();
-    let plan = schedule(
-        &mut rng,
-        &[("archive_push.stored", 1), ("archive_push.before_exit", 1)],
-        if full() { 16 } else { 2 },
-        (30, 300),
-        2,
-    );
+    let plan =
+        schedule(&mut rng, &[("archive_push.stored", 1), ("archive_push.before_exit", 1)], if full() { 16 } else { 2 }, (30, 300), 2);
     let pg = archiving(&[]);
     let env = Env::builder(&pg).build();
     env.run_ok(&["init"]);
@@ -298,8 +292,7 @@ fn streamer_killed_at_every_point_loses_nothing() {
                 env.set_env("WALVAULT_TEST_CRASH_AT", &format!("{point}:{n}"));
                 let log = env.dir.join(format!("stream-kill-{i}.log"));
                 let f = std::fs::File::create(&log).unwrap();
-                let mut child =
-                    env.cmd(&["-v", "stream"]).stdin(Stdio::null()).stdout(f.try_clone().unwrap()).stderr(f).spawn().unwrap();
+                let mut child = env.cmd(&["-v", "stream"]).stdin(Stdio::null()).stdout(f.try_clone().unwrap()).stderr(f).spawn().unwrap();
                 env.set_env("WALVAULT_TEST_CRASH_AT", "");
                 let deadline = Instant::now() + Duration::from_secs(90);
                 while child.try_wait().unwrap().is_none() {
@@ -389,8 +382,7 @@ fn backup_expire_and_restore_killed_at_every_point_leave_nothing_broken() {
         (200, 2500),
         1,
     );
-    let expire_plan =
-        schedule(&mut rng, &[("expire.mid_delete", 1), ("expire.mid_delete", 2), ("expire.mid_delete", 3)], 0, (0, 0), 1);
+    let expire_plan = schedule(&mut rng, &[("expire.mid_delete", 1), ("expire.mid_delete", 2), ("expire.mid_delete", 3)], 0, (0, 0), 1);
     let restore_plan = schedule(
         &mut rng,
         &[("restore.mid_write", 1), ("restore.mid_write", 10), ("restore.mid_write", 40)],

@@ -52,6 +52,11 @@ fn open_multipart_uploads(s3: &S3Server, env: &Env) -> Vec<String> {
     })
 }
 
+/// Whether the process still runs (its upload is then still open by design).
+fn pack_completion_pending(child: &mut std::process::Child) -> bool {
+    child.try_wait().unwrap().is_none()
+}
+
 fn assert_sound(env: &Env, after: &str) {
     let info = env.info_json();
     for b in info["backups"].as_array().cloned().unwrap_or_default() {
@@ -90,20 +95,29 @@ fn backup_archive_and_restore_ride_out_bursts_of_transient_faults() {
     support::switch_and_wait_archived(&pg);
     assert_sound(&env, "a backup under faults");
 
-    // archive-get: a read cut short again and again is never served as the segment.
+    // archive-get: a store that resets every read is never taken for "not found"
+    // (exit 1 would end recovery early) and leaves no partial file.
     let seg = pg.psql("select pg_walfile_name(pg_current_wal_lsn() - 1)");
     let dest = env.new_dir("get").join(&seg);
-    env.set_env("WALVAULT_TEST_FAULTS", "get:*:cut=5000");
-    let (code, err) = env.run_err(&["archive-get", &seg, dest.to_str().unwrap()]);
-    assert!(code >= 3, "a failing read is not 'not found' (exit 1 would end recovery early): {code}\n{err}");
-    assert!(!dest.exists(), "a cut read left {} behind", dest.display());
+    let want = std::fs::read(pg.data_dir().join("pg_wal").join(&seg)).unwrap();
+    env.set_env("WALVAULT_TEST_FAULTS", "get:*:reset");
+    let out = env.cmd(&["archive-get", &seg, dest.to_str().unwrap()]).env("WALVAULT_REPOSITORY_RETRIES", "3").output().unwrap();
+    let (code, err) = (out.status.code().unwrap_or(-1), stderr(&out));
+    assert!(code >= 3, "a failing read is not 'not found': {code}\n{err}");
+    assert!(!dest.exists(), "a failed read left {} behind", dest.display());
     assert!(err.contains(&seg) && err.contains("hint:"), "{err}");
-    survived("archive-get with every read cut short (clean failure)");
-    // A few cut reads and resets: retried, and the bytes are the segment's.
-    env.set_env("WALVAULT_TEST_FAULTS", "get:1-2:cut=5000;get:3:reset");
+    survived("archive-get with every read reset (clean failure)");
+    // Every read cut short after 5000 bytes: the retry resumes where each
+    // stopped, and the bytes are the segment's.
+    env.set_env("WALVAULT_TEST_FAULTS", "get:*:cut=5000");
     env.run_ok(&["archive-get", &seg, dest.to_str().unwrap()]);
-    assert_eq!(std::fs::read(&dest).unwrap(), std::fs::read(pg.data_dir().join("pg_wal").join(&seg)).unwrap());
-    survived("archive-get with cut reads and resets");
+    assert_eq!(std::fs::read(&dest).unwrap(), want, "a resumed read is the whole segment");
+    std::fs::remove_file(&dest).unwrap();
+    survived("archive-get with every read cut short (resumed)");
+    env.set_env("WALVAULT_TEST_FAULTS", "get:1-2:cut=5000;get:3:reset;head:1:503");
+    env.run_ok(&["archive-get", &seg, dest.to_str().unwrap()]);
+    assert_eq!(std::fs::read(&dest).unwrap(), want);
+    survived("archive-get with cut reads, resets and a 503");
 
     // A restore with replay whose reads are cut and reset, into which recovery also fetches WAL.
     env.set_env("WALVAULT_TEST_FAULTS", "get:p20:cut=3000;get:p10:reset;head:p10:503");
@@ -119,12 +133,13 @@ fn backup_archive_and_restore_ride_out_bursts_of_transient_faults() {
 fn a_failed_multipart_completion_leaves_no_backup_and_no_open_upload() {
     let s3 = S3Server::shared();
     let pg = archiving();
-    let mut env =
-        Env::builder(&pg).s3(s3).set("backup.pack_size", "\"20MiB\"").set("repository.retries", "3").build();
+    let mut env = Env::builder(&pg).s3(s3).set("backup.pack_size", "\"20MiB\"").set("repository.retries", "3").build();
     env.run_ok(&["init"]);
     support::start_archiving(&pg, &env);
     // About 40 MB of hex text: packs of some 20 MB, uploaded in 8 MiB parts.
-    pg.psql("create table noise as select g, md5(g::text) || md5((g * 7)::text) || md5((g * 13)::text) as t from generate_series(1, 350000) g");
+    pg.psql(
+        "create table noise as select g, md5(g::text) || md5((g * 7)::text) || md5((g * 13)::text) as t from generate_series(1, 350000) g",
+    );
     pg.psql("checkpoint");
 
     env.set_env("WALVAULT_TEST_FAULTS", "complete_multipart:*:503");
@@ -137,10 +152,32 @@ fn a_failed_multipart_completion_leaves_no_backup_and_no_open_upload() {
     assert!(open.is_empty(), "the failed backup left multipart uploads open: {open:?}");
     survived("backup whose multipart completion fails (clean failure, uploads aborted)");
 
+    // A backup killed while its completion hangs leaves an open upload; the
+    // next backup aborts it when it starts (expire would wait a day).
+    env.set_env("WALVAULT_TEST_FAULTS", "complete_multipart:*:hang");
+    let mut doomed = env.cmd(&["backup"]).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while open_multipart_uploads(s3, &env).is_empty() || !pack_completion_pending(&mut doomed) {
+        assert!(Instant::now() < deadline, "the backup never started a multipart upload");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    doomed.kill().unwrap();
+    doomed.wait().unwrap();
+    let left = open_multipart_uploads(s3, &env);
+    assert!(!left.is_empty(), "a killed backup leaves its upload open");
+    survived("backup killed with a multipart upload open");
+
     // A completion that fails once is retried.
     env.set_env("WALVAULT_TEST_FAULTS", "complete_multipart:1:503;upload_part:2:reset");
-    env.run_ok(&["backup"]);
+    let out = env.run(&["backup"]);
     env.set_env("WALVAULT_TEST_FAULTS", "");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("aborted a multipart upload left by an interrupted backup"),
+        "the killed backup's upload is aborted by the next backup: {}",
+        stderr(&out)
+    );
     assert!(open_multipart_uploads(s3, &env).is_empty());
     assert_sound(&env, "a multipart completion retried");
     survived("backup whose multipart completion fails once");

@@ -45,11 +45,36 @@ pub async fn take_backup(ctx: &Ctx, label: Option<String>, cancel: tokio::sync::
     let sealer = desc.descriptor.sealer(ctx.config.compression.level)?;
     let opts = LockOptions { conditional_create: desc.descriptor.store.conditional_create, ..Default::default() };
     let lock = RepoLock::acquire(store.clone(), "backup", "a base backup", &opts).await.map_err(lock_error)?;
+    abort_abandoned_uploads(&store).await;
     let result = backup_locked(ctx, &store, &desc, &key, &sealer, label, cancel, &lock).await;
     if let Err(e) = lock.release().await {
         tracing::warn!(error = %e, "could not release the backup lock; it expires by itself");
     }
     result
+}
+
+/// Only backups write under `packs/` and `backups/`, and only under the backup
+/// lock we now hold: a multipart upload open there belongs to a backup that died
+/// (kill -9, a lost machine) before it could abort it. Aborted now rather than
+/// after the day `expire` waits, so a crashed backup's parts are not billed for
+/// long. Best effort: a failure here never stops the backup.
+async fn abort_abandoned_uploads(store: &crate::storage::Store) {
+    for prefix in [layout::PACK_PREFIX, layout::BACKUP_PREFIX] {
+        let pending = match store.list_multipart(prefix).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::debug!(prefix, error = %e, "cannot list open multipart uploads");
+                continue;
+            }
+        };
+        for u in pending {
+            let upload = crate::storage::MultipartUpload { key: u.key.clone(), upload_id: u.upload_id.clone() };
+            match store.abort_multipart(&upload).await {
+                Ok(()) => tracing::info!(key = %u.key, "aborted a multipart upload left by an interrupted backup"),
+                Err(e) => tracing::warn!(key = %u.key, error = %e, "could not abort a multipart upload left by an interrupted backup"),
+            }
+        }
+    }
 }
 
 pub fn lock_error(e: LockError) -> Error {
