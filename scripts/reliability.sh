@@ -30,7 +30,7 @@ LOG_DIR=$(mktemp -d /tmp/walvault-reliability-XXXX)
 echo "reliability run: seed $WALVAULT_TEST_SEED, full=$full, logs in $LOG_DIR"
 started=$(date +%s)
 
-cargo build --quiet --tests || exit 1
+
 
 failed=()
 run_suite() {
