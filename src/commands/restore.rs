@@ -88,7 +88,19 @@ pub async fn run(ctx: &Ctx, args: &RestoreArgs) -> Result<i32> {
     let stats = match prepare(&store, &desc, &opener, &backup, &opts).await {
         Ok(prepared) => write(prepared, &store, &opener, &backup, &opts)
             .await
-            .context("restore failed; the data directory is incomplete and must not be started"),
+            .context("restore failed; the data directory is incomplete and must not be started")
+            .map_err(|e| match e.hint() {
+                Some(_) => e,
+                // A local failure (a full disk, permissions): say how to retry.
+                None => Error::coded(
+                    e.exit_code(),
+                    e.to_string(),
+                    Some(format!(
+                        "fix the cause (free space, permissions on {}), then run the restore again with --force to replace the incomplete directory",
+                        pgdata.display()
+                    )),
+                ),
+            }),
         Err(e) => Err(e.context("nothing was written")),
     };
     bar.finish();
