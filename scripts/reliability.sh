@@ -51,6 +51,7 @@ run_suite() {
 run_suite crash_suite
 run_suite store_faults
 run_suite pg_faults
+run_suite local_faults
 bad_inputs=0
 if [ -f tests/bad_input.rs ]; then
   run_suite bad_input

@@ -40,8 +40,7 @@ impl Tmpfs {
     }
 
     fn remount_read_only(&self, ro: bool) {
-        let ok =
-            Command::new("mount").args(["-o", if ro { "remount,ro" } else { "remount,rw" }]).arg(&self.0).status().unwrap().success();
+        let ok = Command::new("mount").args(["-o", if ro { "remount,ro" } else { "remount,rw" }]).arg(&self.0).status().unwrap().success();
         assert!(ok);
     }
 

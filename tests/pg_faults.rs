@@ -29,9 +29,8 @@ fn pack_indexes(env: &Env) -> usize {
 
 #[test]
 fn a_server_restart_mid_backup_fails_the_backup_clearly_and_records_nothing() {
-    let mut pg = PgCluster::start(
-        PgOptions::new().guc("archive_mode", "on").guc("archive_command", "'/bin/false'").guc("wal_keep_size", "'512MB'"),
-    );
+    let mut pg =
+        PgCluster::start(PgOptions::new().guc("archive_mode", "on").guc("archive_command", "'/bin/false'").guc("wal_keep_size", "'512MB'"));
     let mut env = Env::builder(&pg).set("backup.pack_size", "\"1MiB\"").build();
     env.run_ok(&["init"]);
     pg.set_guc("archive_command", &env.archive_command());
@@ -67,10 +66,7 @@ fn wal_removed_before_it_was_streamed_makes_the_daemon_take_a_new_backup() {
     let pg = PgCluster::start(
         PgOptions::new().initdb_arg("--wal-segsize=1").guc("wal_keep_size", "0").guc("max_wal_size", "'32MB'").guc("min_wal_size", "'2MB'"),
     );
-    let mut env = Env::builder(&pg)
-        .set("schedule.base_backup", "\"0 0 3 1 1 *\"")
-        .set("wal.partial_interval", "\"1s\"")
-        .build();
+    let mut env = Env::builder(&pg).set("schedule.base_backup", "\"0 0 3 1 1 *\"").set("wal.partial_interval", "\"1s\"").build();
     env.run_ok(&["init"]);
     pg.psql("create table t(id int, pad text)");
     let daemon = Daemon::start(&mut env);

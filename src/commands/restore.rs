@@ -197,7 +197,15 @@ fn check_pgdata(pgdata: &Path, force: bool) -> Result<()> {
     let entries = match std::fs::read_dir(pgdata) {
         Ok(e) => e.count(),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(Error::failed(format!("cannot read {}: {e}", pgdata.display()))),
+        Err(e) => {
+            return Err(Error::with_hint(
+                format!("cannot read {}: {e}", pgdata.display()),
+                format!(
+                    "restore as a user that may write there (walvault runs as uid {}), give that user the directory and its parents, or choose another --pgdata",
+                    unsafe { libc::geteuid() }
+                ),
+            ));
+        }
     };
     if entries == 0 {
         return Ok(());

@@ -236,7 +236,8 @@ impl BackupWriter {
         if let Some(blob) = &result.blob {
             let spool = self.s.spool.clone();
             let (writer, pack_no) = self.current_pack()?;
-            let (blob_no, offset) = writer.add_blob(&blob.bytes, &blob.hash).map_err(|e| RepoError::Spool { path: spool.clone(), message: e.to_string() })?;
+            let (blob_no, offset) =
+                writer.add_blob(&blob.bytes, &blob.hash).map_err(|e| RepoError::Spool { path: spool.clone(), message: e.to_string() })?;
             blob_at = Some((pack_no, blob_no, offset, blob.bytes.len() as u32, blob.hash.to_hex().to_string()));
             self.stats.stored_new += blob.bytes.len() as u64;
         }
