@@ -278,6 +278,7 @@ async fn prefetch_loop(ctx: &Ctx, spool: &Path) -> Result<()> {
             fetching.remove(&n);
             match r {
                 Ok(true) => {
+                    crate::crashpoint::crash_point("archive_get.prefetch");
                     missing.remove(&n);
                 }
                 Ok(false) => {

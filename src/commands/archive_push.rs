@@ -40,6 +40,7 @@ pub async fn run(ctx: &Ctx, args: &ArchivePushArgs) -> Result<i32> {
             // PostgreSQL archives a file again after a crash.
             tracing::warn!("{name} is already in the repository with the same content (blake3 {}); nothing to do", marker.plain);
         }
+        crate::crashpoint::crash_point("archive_push.before_exit");
         return Ok(0);
     }
 
@@ -58,6 +59,7 @@ pub async fn run(ctx: &Ctx, args: &ArchivePushArgs) -> Result<i32> {
         batch.extend(backlog(&args.path, &name, ctx.config.wal.push_parallel - 1, &expected));
     }
     let results = push_batch(&archive, batch, "archive-push", |n| marker_link(&markers, n)).await;
+    crate::crashpoint::crash_point("archive_push.stored");
 
     let mut own = None;
     for (file, result) in results {
@@ -86,6 +88,7 @@ pub async fn run(ctx: &Ctx, args: &ArchivePushArgs) -> Result<i32> {
     if kind == WalFileKind::Segment {
         prune_markers(&markers, &name);
     }
+    crate::crashpoint::crash_point("archive_push.before_exit");
     Ok(0)
 }
 

@@ -45,11 +45,36 @@ pub async fn take_backup(ctx: &Ctx, label: Option<String>, cancel: tokio::sync::
     let sealer = desc.descriptor.sealer(ctx.config.compression.level)?;
     let opts = LockOptions { conditional_create: desc.descriptor.store.conditional_create, ..Default::default() };
     let lock = RepoLock::acquire(store.clone(), "backup", "a base backup", &opts).await.map_err(lock_error)?;
+    abort_abandoned_uploads(&store).await;
     let result = backup_locked(ctx, &store, &desc, &key, &sealer, label, cancel, &lock).await;
     if let Err(e) = lock.release().await {
         tracing::warn!(error = %e, "could not release the backup lock; it expires by itself");
     }
     result
+}
+
+/// Only backups write under `packs/` and `backups/`, and only under the backup
+/// lock we now hold: a multipart upload open there belongs to a backup that died
+/// (kill -9, a lost machine) before it could abort it. Aborted now rather than
+/// after the day `expire` waits, so a crashed backup's parts are not billed for
+/// long. Best effort: a failure here never stops the backup.
+async fn abort_abandoned_uploads(store: &crate::storage::Store) {
+    for prefix in [layout::PACK_PREFIX, layout::BACKUP_PREFIX] {
+        let pending = match store.list_multipart(prefix).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::debug!(prefix, error = %e, "cannot list open multipart uploads");
+                continue;
+            }
+        };
+        for u in pending {
+            let upload = crate::storage::MultipartUpload { key: u.key.clone(), upload_id: u.upload_id.clone() };
+            match store.abort_multipart(&upload).await {
+                Ok(()) => tracing::info!(key = %u.key, "aborted a multipart upload left by an interrupted backup"),
+                Err(e) => tracing::warn!(key = %u.key, error = %e, "could not abort a multipart upload left by an interrupted backup"),
+            }
+        }
+    }
 }
 
 pub fn lock_error(e: LockError) -> Error {
@@ -131,6 +156,7 @@ async fn backup_locked(
             Some(p) => Some(seal_file(store, sealer, p, &layout::backup_server_manifest_key(&backup_id), ctx).await?),
             None => None,
         };
+        crate::crashpoint::crash_point("backup.files_sealed");
         let seg = desc.descriptor.cluster.wal_segment_size;
         let wal_first = WalSegmentName::of_lsn(start_tli, start_lsn, seg);
         let wal_last = WalSegmentName::of_lsn(end_tli, Lsn(end_lsn.0.saturating_sub(1).max(start_lsn.0)), seg);
@@ -140,6 +166,7 @@ async fn backup_locked(
             r = wait_for_wal(&archive, wal_first, wal_last, end_lsn, ctx.config.backup.wal_timeout) => r?,
             _ = crate::util::until_true(&mut cancel) => return Err(Error::failed("backup cancelled while waiting for WAL; no backup was recorded")),
         }
+        crate::crashpoint::crash_point("backup.wal_waited");
         if lock.is_lost() {
             return Err(Error::failed("the backup lock was taken by another process; this backup is abandoned"));
         }
@@ -173,6 +200,7 @@ async fn backup_locked(
             CreateOutcome::Created => {}
             CreateOutcome::AlreadyExists => return Err(Error::failed(format!("backup {backup_id} already exists (internal error)"))),
         }
+        crate::crashpoint::crash_point("backup.manifest_written");
         tracing::info!(
             backup = %backup_id,
             files = manifest.stats.files,

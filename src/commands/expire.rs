@@ -69,6 +69,7 @@ pub async fn expire(ctx: &Ctx, store: &Store, dry_run: bool) -> Result<Plan> {
                     return Err(Error::failed("the lock was taken by another process; stopping retention"));
                 }
                 store.delete_many(keys).await?;
+                crate::crashpoint::crash_point("expire.mid_delete");
             }
         }
         // Multipart uploads abandoned for a day belong to crashed writers.

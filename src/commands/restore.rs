@@ -88,7 +88,19 @@ pub async fn run(ctx: &Ctx, args: &RestoreArgs) -> Result<i32> {
     let stats = match prepare(&store, &desc, &opener, &backup, &opts).await {
         Ok(prepared) => write(prepared, &store, &opener, &backup, &opts)
             .await
-            .context("restore failed; the data directory is incomplete and must not be started"),
+            .context("restore failed; the data directory is incomplete and must not be started")
+            .map_err(|e| match e.hint() {
+                Some(_) => e,
+                // A local failure (a full disk, permissions): say how to retry.
+                None => Error::coded(
+                    e.exit_code(),
+                    e.to_string(),
+                    Some(format!(
+                        "fix the cause (free space, permissions on {}), then run the restore again with --force to replace the incomplete directory",
+                        pgdata.display()
+                    )),
+                ),
+            }),
         Err(e) => Err(e.context("nothing was written")),
     };
     bar.finish();
@@ -185,7 +197,15 @@ fn check_pgdata(pgdata: &Path, force: bool) -> Result<()> {
     let entries = match std::fs::read_dir(pgdata) {
         Ok(e) => e.count(),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(Error::failed(format!("cannot read {}: {e}", pgdata.display()))),
+        Err(e) => {
+            return Err(Error::with_hint(
+                format!("cannot read {}: {e}", pgdata.display()),
+                format!(
+                    "restore as a user that may write there (walvault runs as uid {}), give that user the directory and its parents, or choose another --pgdata",
+                    unsafe { libc::geteuid() }
+                ),
+            ));
+        }
     };
     if entries == 0 {
         return Ok(());

@@ -63,6 +63,12 @@ impl PgError {
             PgError::Auth { .. } => "check the password (conninfo password, PGPASSWORD or ~/.pgpass) and the pg_hba.conf method".into(),
             PgError::Connect { .. } => "check postgres.conninfo (host, port), that the server runs and accepts connections".into(),
             PgError::Tls(_) => "check sslmode, sslrootcert and the server's certificate".into(),
+            PgError::Server { code, .. } if code.starts_with("57P") => {
+                "the server shut down or restarted (or an administrator ended the session); once it is back, run the command again: work interrupted this way is not recorded".into()
+            }
+            PgError::Io(_) => {
+                "the server restarted or stopped, or the network failed (see the server's log); once it is back, run the command again: work interrupted this way is not recorded".into()
+            }
             _ => return None,
         })
     }

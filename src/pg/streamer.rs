@@ -662,6 +662,7 @@ impl<'a> Session<'a> {
         let task = tokio::spawn(async move {
             let sealed = archive.seal(&task_name, data).await?;
             let outcome = archive.store_sealed(&sealed, prev, "stream").await?;
+            crate::crashpoint::crash_point("stream.segment_stored");
             if let Some(p) = partial {
                 let _ = p.await;
             }
@@ -680,6 +681,7 @@ impl<'a> Session<'a> {
 
     fn upload_finished(&mut self, up: &Upload, r: std::result::Result<UploadResult, tokio::task::JoinError>) -> Result<()> {
         let outcome = r.map_err(|e| Error::failed(format!("segment upload task failed: {e}")))??;
+        crate::crashpoint::crash_point("stream.before_status");
         if outcome == PushOutcome::AlreadyIdentical {
             tracing::debug!(segment = %up.name, "segment was already in the repository");
         }

@@ -124,7 +124,7 @@ impl BackupWriter {
     }
 
     fn spool_err(&self, e: std::io::Error) -> RepoError {
-        RepoError::Invalid(format!("spool {}: {e}", self.s.spool.display()))
+        RepoError::Spool { path: self.s.spool.clone(), message: e.to_string() }
     }
 
     /// A new tar member. `prefix` places tablespace members under pg_tblspc/<oid>/.
@@ -234,8 +234,10 @@ impl BackupWriter {
     async fn apply(&mut self, meta: Vec<(u64, bool)>, result: BatchResult) -> Result<(), RepoError> {
         let mut blob_at: Option<(u32, u32, u64, u32, String)> = None;
         if let Some(blob) = &result.blob {
+            let spool = self.s.spool.clone();
             let (writer, pack_no) = self.current_pack()?;
-            let (blob_no, offset) = writer.add_blob(&blob.bytes, &blob.hash).map_err(|e| RepoError::Invalid(format!("spool: {e}")))?;
+            let (blob_no, offset) =
+                writer.add_blob(&blob.bytes, &blob.hash).map_err(|e| RepoError::Spool { path: spool.clone(), message: e.to_string() })?;
             blob_at = Some((pack_no, blob_no, offset, blob.bytes.len() as u32, blob.hash.to_hex().to_string()));
             self.stats.stored_new += blob.bytes.len() as u64;
         }
@@ -376,7 +378,8 @@ impl BackupWriter {
             return Err(RepoError::Invalid(format!("{} files never completed (internal error)", self.open.len())));
         }
         let count = self.files.count;
-        let path = self.files.finish().map_err(|e| RepoError::Invalid(format!("spool: {e}")))?;
+        let spool = self.s.spool.clone();
+        let path = self.files.finish().map_err(|e| RepoError::Spool { path: spool.clone(), message: e.to_string() })?;
         Ok((path, self.packs, self.stats, count))
     }
 
@@ -398,5 +401,7 @@ impl BackupWriter {
 }
 
 async fn upload(store: Store, key: Arc<SigningKey>, index: PackIndex, path: PathBuf, parallel: usize) -> Result<(), RepoError> {
-    upload_pack(store.as_ref(), &key, &index, &path, parallel).await
+    upload_pack(store.as_ref(), &key, &index, &path, parallel).await?;
+    crate::crashpoint::crash_point("backup.pack_uploaded");
+    Ok(())
 }

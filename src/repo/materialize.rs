@@ -496,6 +496,7 @@ async fn write_file(shared: &Arc<Shared>, path: &Path, entry: &FileEntry) -> Res
         for cv in cvs {
             hasher.push(cv, whole);
         }
+        crate::crashpoint::crash_point("restore.mid_write");
         let done = shared.written.fetch_add(next - offset, std::sync::atomic::Ordering::Relaxed) + (next - offset);
         if let Some(p) = &shared.progress {
             p(done);

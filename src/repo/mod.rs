@@ -44,6 +44,8 @@ pub enum RepoError {
     Conflict(String),
     #[error("{0}")]
     Invalid(String),
+    #[error("cannot write the spool {}: {message}", path.display())]
+    Spool { path: PathBuf, message: String },
     #[error(transparent)]
     Storage(#[from] StorageError),
     #[error(transparent)]
@@ -64,6 +66,7 @@ impl RepoError {
                 "run `walvault verify` to list every damaged object; restore from another backup if needed".into()
             }
             RepoError::KeyFile { .. } => "generate keys with `walvault keygen --out DIR` and point signing.key_file at agent.key".into(),
+            RepoError::Spool { .. } => "free space on the spool's file system or point wal.spool_dir at a larger one, then run again (nothing was recorded; what was already uploaded is re-used)".into(),
             RepoError::Storage(e) => return e.hint().map(String::from),
             RepoError::Seal(e) => return e.hint().map(String::from),
             _ => return None,

@@ -13,6 +13,7 @@
 //!          | delay=MS | ignore_if_none_match | hang
 //! ```
 //! Randomness is seeded from `WALVAULT_TEST_FAULTS_SEED` (default 1) so failures repeat.
+//! To kill the process at a named point instead, see `crate::crashpoint` (`WALVAULT_TEST_CRASH_AT`).
 
 use std::ops::Range;
 use std::sync::Arc;

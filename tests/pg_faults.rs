@@ -1,0 +1,97 @@
+//! PostgreSQL faults around walvault: the server restarted in the middle of a
+//! base backup (the backup fails clearly and is not recorded; the next one
+//! works), and WAL removed before the streamer stored it (the daemon says a
+//! new backup is needed and takes one). A server restarted mid-stream and a
+//! promotion while streaming are in tests/wal_stream.rs.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::daemon::Daemon;
+use common::env::{Env, stderr};
+use common::pg::{PgCluster, PgOptions};
+
+fn survived(what: &str) {
+    eprintln!("RELIABILITY fault {what} survived");
+}
+
+fn pack_indexes(env: &Env) -> usize {
+    let packs = env.repo_dir.as_ref().unwrap().join("packs");
+    std::fs::read_dir(&packs)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .flat_map(|d| std::fs::read_dir(d.path()).into_iter().flatten().flatten())
+        .filter(|f| f.path().extension().is_some_and(|e| e == "idx"))
+        .count()
+}
+
+#[test]
+fn a_server_restart_mid_backup_fails_the_backup_clearly_and_records_nothing() {
+    let mut pg =
+        PgCluster::start(PgOptions::new().guc("archive_mode", "on").guc("archive_command", "'/bin/false'").guc("wal_keep_size", "'512MB'"));
+    let mut env = Env::builder(&pg).set("backup.pack_size", "\"1MiB\"").build();
+    env.run_ok(&["init"]);
+    pg.set_guc("archive_command", &env.archive_command());
+    pg.psql("create table noise as select g, md5(g::text) || md5((g * 7)::text) as t from generate_series(1, 300000) g");
+    // Slow uploads hold the backup's stream back, so the restart lands inside it.
+    env.set_env("WALVAULT_TEST_FAULTS", "put:*:delay=400");
+    let running = env.cmd(&["backup"]).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while pack_indexes(&env) < 2 {
+        assert!(Instant::now() < deadline, "no pack was uploaded");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    pg.restart();
+    let out = running.wait_with_output().unwrap();
+    env.set_env("WALVAULT_TEST_FAULTS", "");
+    let err = stderr(&out);
+    assert!(!out.status.success(), "a backup whose server restarted under it cannot succeed: {err}");
+    assert!(out.status.code().unwrap_or(0) >= 3, "{err}");
+    assert!(err.contains("error:") && err.contains("hint:"), "says what failed and what to do: {err}");
+    assert_eq!(env.info_json()["backups"].as_array().unwrap().len(), 0, "nothing recorded");
+    survived("server restarted mid-backup (clean failure)");
+
+    let id = env.run_ok(&["backup"]).trim().to_string();
+    let info = env.info_json();
+    assert_eq!(info["backups"][0]["id"], id.as_str());
+    assert_eq!(info["backups"][0]["restorable"], true, "{info}");
+    let out = env.run(&["verify", "--deep"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+#[test]
+fn wal_removed_before_it_was_streamed_makes_the_daemon_take_a_new_backup() {
+    let pg = PgCluster::start(
+        PgOptions::new().initdb_arg("--wal-segsize=1").guc("wal_keep_size", "0").guc("max_wal_size", "'32MB'").guc("min_wal_size", "'2MB'"),
+    );
+    let mut env = Env::builder(&pg).set("schedule.base_backup", "\"0 0 3 1 1 *\"").set("wal.partial_interval", "\"1s\"").build();
+    env.run_ok(&["init"]);
+    pg.psql("create table t(id int, pad text)");
+    let daemon = Daemon::start(&mut env);
+    daemon.wait_for("a healthy daemon (first backup taken, streaming)", Duration::from_secs(180), || daemon.health().0 == 200);
+    let first = env.info_json()["backups"].as_array().unwrap().len();
+    assert_eq!(first, 1);
+    daemon.stop();
+
+    // While nobody streams, the slot goes and the server recycles the WAL.
+    pg.psql("select pg_drop_replication_slot('walvault')");
+    for _ in 0..4 {
+        pg.psql("insert into t select g, repeat('x', 500) from generate_series(1, 20000) g");
+        pg.psql("select pg_switch_wal()");
+        pg.psql("checkpoint");
+    }
+
+    let daemon = Daemon::start(&mut env);
+    daemon.wait_for("the daemon to say a new backup is needed", Duration::from_secs(120), || {
+        daemon.log_text().contains("a new base backup is needed")
+    });
+    daemon.wait_for("a second backup, taken after the gap", Duration::from_secs(180), || {
+        env.info_json()["backups"].as_array().is_some_and(|b| b.len() == 2)
+    });
+    let info = env.info_json();
+    assert_eq!(info["backups"][1]["restorable"], true, "{info}");
+    daemon.stop();
+    survived("WAL removed before it was streamed (new backup taken)");
+}
