@@ -834,11 +834,11 @@ fn removals_pass_alone_and_fail_against_the_previous_report() {
     assert_eq!(fx.public_key.to_string(), report["trusted_key"].as_str().unwrap());
 }
 
-/// The `## verify --json` section of docs/JSON.md: (field paths, problem kinds,
+/// The verify section of docs/JSON.md: (field paths, problem kinds,
 /// warning kinds, the example).
 fn documented() -> (BTreeSet<String>, BTreeSet<String>, BTreeSet<String>, Value) {
     let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/JSON.md")).unwrap();
-    let section = doc.split("\n## verify --json").nth(1).expect("docs/JSON.md has a '## verify --json' section");
+    let section = doc.split("\n## `walvault verify --json`").nth(1).expect("docs/JSON.md has a '## `walvault verify --json`' section");
     let section = section.split("\n## ").next().unwrap();
     let first_cells = |part: &str| -> BTreeSet<String> {
         part.lines().filter_map(|l| l.strip_prefix("| `")).map(|l| l.split('`').next().unwrap().to_string()).collect()

@@ -139,7 +139,7 @@ fn streamer_state_tracks_archiving_lag_and_the_slot() {
     wait_for("an idle, caught-up streamer", Duration::from_secs(30), || {
         let s = snapshot(&state);
         let (restart, current) = slot_view(&pg);
-        if s.lag_bytes() == 0 && s.flushed == current && s.slot_restart == restart && s.server_end == current {
+        if s.lag_bytes() == 0 && s.flushed == current && restart == current && s.slot_restart == restart && s.server_end == current {
             Ok(())
         } else {
             Err(format!("state {s:?}, server restart_lsn {restart}, current {current}"))
