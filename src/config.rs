@@ -632,19 +632,29 @@ impl Config {
         }
         let endpoint = self.repository.endpoint.trim();
         if !endpoint.is_empty() && !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
-            return Err(bad("repository.endpoint", format!("'{endpoint}' is not a URL (expected https://host[:port] or http://host[:port])")));
+            return Err(bad(
+                "repository.endpoint",
+                format!("'{endpoint}' is not a URL (expected https://host[:port] or http://host[:port])"),
+            ));
         }
         {
             use std::str::FromStr;
             if let Err(e) = cron::Schedule::from_str(&self.schedule.base_backup) {
-                return Err(bad(
-                    "schedule.base_backup",
+                return Err(bad("schedule.base_backup", {
+                    // The parser's text repeats the expression and points at it; keep its words.
+                    let why: Vec<String> = e
+                        .to_string()
+                        .lines()
+                        .skip(1)
+                        .filter(|l| l.chars().any(char::is_alphabetic))
+                        .map(|l| l.trim().to_string())
+                        .collect();
+                    let why = if why.is_empty() { String::new() } else { format!(" ({})", why.join(" ")) };
                     format!(
-                        "'{}' is not a cron expression with a seconds field first, e.g. \"0 0 2 * * *\" ({})",
-                        self.schedule.base_backup,
-                        e.to_string().lines().last().unwrap_or_default().trim()
-                    ),
-                ));
+                        "'{}' is not a cron expression with a seconds field first, e.g. \"0 0 2 * * *\"{why}",
+                        self.schedule.base_backup
+                    )
+                }));
             }
         }
         for r in &self.encryption.recipients {
