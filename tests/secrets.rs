@@ -146,3 +146,31 @@ fn files_holding_secrets_or_keys_must_be_private() {
     assert!(err.contains(&format!("{} holds secrets and is readable by group or others (mode 0640)", identity.display())), "{err}");
     assert!(!dest.exists());
 }
+
+/// The harness's S3 identity with only Read and List (tests/common/s3/weed.rs).
+const READER: (&str, &str) = ("walvaultreader", "walvaultreadersecret");
+
+#[test]
+fn read_only_store_credentials_are_enough_to_restore_and_verify_and_are_refused_for_writes() {
+    let pg = archiving_cluster(&[]);
+    let mut env = Env::builder(&pg).s3(S3Server::shared()).build();
+    env.run_ok(&["init"]);
+    start_archiving(&pg, &env);
+    pg.psql("create table t(id int); insert into t select generate_series(1, 1000)");
+    env.run_ok(&["backup"]);
+    switch_and_wait_archived(&pg);
+    pg.set_guc("archive_command", "'/bin/false'");
+
+    env.set("repository.access_key_id", &format!("\"{}\"", READER.0));
+    env.set("repository.secret_access_key", &format!("\"{}\"", READER.1));
+    env.run_ok(&["info"]);
+    env.run_ok(&["verify", "--deep"]);
+    let dest = env.dir.join("restored");
+    env.run_ok(&["restore", "--pgdata", dest.to_str().unwrap()]);
+
+    let (code, err) = env.run_err(&["backup"]);
+    assert_eq!(code, 4, "{err}");
+    assert!(err.contains("permission denied on object"), "{err}");
+    assert!(err.contains("hint: check the repository credentials and permissions"), "{err}");
+    assert!(!err.contains(READER.1), "{err}");
+}
