@@ -631,7 +631,7 @@ impl Config {
             return Err(bad("wal.push_parallel", "must be at least 1".into()));
         }
         let endpoint = self.repository.endpoint.trim();
-        if !endpoint.is_empty() && !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+        if !(endpoint.is_empty() || endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
             return Err(bad(
                 "repository.endpoint",
                 format!("'{endpoint}' is not a URL (expected https://host[:port] or http://host[:port])"),

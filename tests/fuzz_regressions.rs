@@ -53,7 +53,7 @@ fn run(target: &str, data: &[u8]) {
             let _ = walvault::repo::manifest::BackupManifest::from_document(data, &key, "20260101T000000Z");
         }
         "descriptor" => {
-            let _ = walvault::repo::Descriptor::from_document(data, Some(key.clone()));
+            let _ = walvault::repo::Descriptor::from_document(data, Some(key));
             let _ = walvault::repo::Descriptor::from_document(data, None);
         }
         "control_file" => {
