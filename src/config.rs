@@ -766,6 +766,10 @@ fn size_de<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
 mod tests {
     use super::*;
 
+    fn age_recipient() -> String {
+        age::x25519::Identity::generate().to_public().to_string()
+    }
+
     fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
     }
@@ -789,8 +793,9 @@ mod tests {
         assert_eq!(c.compression.level, 7);
         let c = load(Some(&p), &env(&[("WALVAULT_COMPRESSION_LEVEL", "7")]), &["compression.level=9".into()]).unwrap();
         assert_eq!(c.compression.level, 9);
-        let c = load(Some(&p), &env(&[("WALVAULT_ENCRYPTION_RECIPIENTS", "age1a, age1b")]), &[]).unwrap();
-        assert_eq!(c.encryption.recipients, vec!["age1a", "age1b"]);
+        let (a, b) = (age_recipient(), age_recipient());
+        let c = load(Some(&p), &env(&[("WALVAULT_ENCRYPTION_RECIPIENTS", &format!("{a}, {b}"))]), &[]).unwrap();
+        assert_eq!(c.encryption.recipients, vec![a, b]);
     }
 
     #[test]
@@ -853,8 +858,13 @@ mod tests {
     fn every_key_round_trips_through_env() {
         for k in KEYS {
             let name = format!("WALVAULT_{}_{}", k.section.to_uppercase(), k.key.to_uppercase());
+            let (recipient, public_key) = (age_recipient(), crate::repo::SigningKey::generate().public().to_string());
             let value = match (k.kind, k.key) {
                 (_, "url") => "file:///tmp/x",
+                (_, "endpoint") => "http://127.0.0.1:9000",
+                (_, "base_backup") => "0 30 3 * * *",
+                (_, "recipients") => recipient.as_str(),
+                (_, "public_key") => public_key.as_str(),
                 (_, "checksums") => "when_required",
                 (_, "checkpoint") => "spread",
                 (_, "target_action") => "pause",
