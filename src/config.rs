@@ -149,6 +149,9 @@ impl ConfigError {
                 format!("put it in the configuration file (mode 0600) or the environment variable {env}")
             }
             ConfigError::Read { .. } => "pass --config FILE, set WALVAULT_CONFIG, or create ./walvault.toml".into(),
+            ConfigError::BadValue { .. } | ConfigError::Parse { .. } => {
+                "see the configuration reference in README.md for each key's accepted values".into()
+            }
             _ => return None,
         })
     }
@@ -506,9 +509,14 @@ fn check_file_keys(table: &toml::Table, path: &Path) -> Result<(), ConfigError> 
             return Err(ConfigError::UnknownKey { key: section.clone(), origin: path.display().to_string() });
         };
         for key in inner.keys() {
-            if !KEYS.iter().any(|k| k.section == section && k.key == key) {
+            let Some(spec) = KEYS.iter().find(|k| k.section == section && k.key == key) else {
                 return Err(ConfigError::UnknownKey { key: format!("{section}.{key}"), origin: path.display().to_string() });
-            }
+            };
+            check_value(spec, &inner[key]).map_err(|message| ConfigError::BadValue {
+                key: format!("{section}.{key}"),
+                origin: path.display().to_string(),
+                message,
+            })?;
         }
     }
     Ok(())
@@ -549,9 +557,52 @@ fn set_value(table: &mut toml::Table, spec: &KeySpec, raw: &str, origin: &str) -
             raw.split(',').map(str::trim).filter(|s| !s.is_empty()).map(|s| toml::Value::String(s.to_string())).collect(),
         ),
     };
+    check_value(spec, &value).map_err(bad)?;
     let section = table.entry(spec.section.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
     section.as_table_mut().expect("sections are tables").insert(spec.key.to_string(), value);
     Ok(())
+}
+
+/// The values some string keys accept.
+fn choices(spec: &KeySpec) -> Option<&'static [&'static str]> {
+    Some(match (spec.section, spec.key) {
+        ("backup", "checkpoint") => &["fast", "spread"],
+        ("restore", "target_action") => &["promote", "pause", "shutdown"],
+        ("repository", "checksums") => &["when_supported", "when_required"],
+        _ => return None,
+    })
+}
+
+/// Checks a value against its key's kind, so that a wrong type or unit is
+/// reported with the key's name and where it came from.
+fn check_value(spec: &KeySpec, value: &toml::Value) -> Result<(), String> {
+    use toml::Value as V;
+    let shown = value.to_string();
+    match (spec.kind, value) {
+        (Kind::Str, V::String(s)) => match choices(spec) {
+            Some(ok) if !ok.contains(&s.as_str()) => Err(format!("{shown} is not one of {}", ok.join(", "))),
+            _ => Ok(()),
+        },
+        (Kind::Int, V::Integer(n)) if *n < 0 => Err(format!("{n} is negative")),
+        (Kind::Int, V::Integer(n)) if *n > u32::MAX as i64 => Err(format!("{n} is too large")),
+        (Kind::Int, V::Integer(_)) | (Kind::Bool, V::Boolean(_)) => Ok(()),
+        (Kind::Duration, V::Integer(n)) if *n >= 0 => Ok(()),
+        (Kind::Duration, V::String(s)) => parse_duration(s).map(drop),
+        (Kind::Size, V::Integer(n)) if *n >= 0 => Ok(()),
+        (Kind::Size, V::String(s)) => parse_size(s).map(drop),
+        (Kind::List, V::Array(items)) if items.iter().all(|v| v.is_str()) => Ok(()),
+        (kind, _) => Err(format!(
+            "{shown} is not {}",
+            match kind {
+                Kind::Str => "a string (put it in double quotes)",
+                Kind::Int => "a whole number",
+                Kind::Bool => "true or false",
+                Kind::List => "a list of strings, e.g. [\"a\", \"b\"]",
+                Kind::Duration => "a duration (examples: 500ms, 5s, 10m, 2h, 1d)",
+                Kind::Size => "a size (examples: 512KiB, 32MiB, 1GiB)",
+            }
+        )),
+    }
 }
 
 fn parse_bool(s: &str) -> Option<bool> {
@@ -564,7 +615,8 @@ fn parse_bool(s: &str) -> Option<bool> {
 
 impl Config {
     fn validate(&self) -> Result<(), ConfigError> {
-        let bad = |key: &str, message: String| ConfigError::BadValue { key: key.into(), origin: "configuration".into(), message };
+        let origin = self.source.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "configuration".into());
+        let bad = |key: &str, message: String| ConfigError::BadValue { key: key.into(), origin: origin.clone(), message };
         if !(1..=19).contains(&self.compression.level) {
             return Err(bad("compression.level", format!("{} is outside 1..=19", self.compression.level)));
         }
@@ -572,8 +624,45 @@ impl Config {
         if self.repository.retries == 0 {
             return Err(bad("repository.retries", "must be at least 1".into()));
         }
-        if self.repository.parallel == 0 || self.wal.push_parallel == 0 {
+        if self.repository.parallel == 0 {
             return Err(bad("repository.parallel", "must be at least 1".into()));
+        }
+        if self.wal.push_parallel == 0 {
+            return Err(bad("wal.push_parallel", "must be at least 1".into()));
+        }
+        let endpoint = self.repository.endpoint.trim();
+        if !(endpoint.is_empty() || endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+            return Err(bad(
+                "repository.endpoint",
+                format!("'{endpoint}' is not a URL (expected https://host[:port] or http://host[:port])"),
+            ));
+        }
+        {
+            use std::str::FromStr;
+            if let Err(e) = cron::Schedule::from_str(&self.schedule.base_backup) {
+                return Err(bad("schedule.base_backup", {
+                    // The parser's text repeats the expression and points at it; keep its words.
+                    let why: Vec<String> = e
+                        .to_string()
+                        .lines()
+                        .skip(1)
+                        .filter(|l| l.chars().any(char::is_alphabetic))
+                        .map(|l| l.trim().to_string())
+                        .collect();
+                    let why = if why.is_empty() { String::new() } else { format!(" ({})", why.join(" ")) };
+                    format!(
+                        "'{}' is not a cron expression with a seconds field first, e.g. \"0 0 2 * * *\"{why}",
+                        self.schedule.base_backup
+                    )
+                }));
+            }
+        }
+        for r in &self.encryption.recipients {
+            crate::pipeline::seal::parse_recipient(r).map_err(|e| bad("encryption.recipients", e.to_string()))?;
+        }
+        let pinned = self.signing.public_key.trim();
+        if !pinned.is_empty() {
+            crate::repo::PublicKey::parse(pinned).map_err(|e| bad("signing.public_key", e.to_string()))?;
         }
         if self.backup.pack_size < (1 << 20) || self.backup.pack_size > (1 << 30) {
             return Err(bad("backup.pack_size", "must be between 1MiB and 1GiB".into()));
@@ -677,6 +766,10 @@ fn size_de<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
 mod tests {
     use super::*;
 
+    fn age_recipient() -> String {
+        age::x25519::Identity::generate().to_public().to_string()
+    }
+
     fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
     }
@@ -700,8 +793,9 @@ mod tests {
         assert_eq!(c.compression.level, 7);
         let c = load(Some(&p), &env(&[("WALVAULT_COMPRESSION_LEVEL", "7")]), &["compression.level=9".into()]).unwrap();
         assert_eq!(c.compression.level, 9);
-        let c = load(Some(&p), &env(&[("WALVAULT_ENCRYPTION_RECIPIENTS", "age1a, age1b")]), &[]).unwrap();
-        assert_eq!(c.encryption.recipients, vec!["age1a", "age1b"]);
+        let (a, b) = (age_recipient(), age_recipient());
+        let c = load(Some(&p), &env(&[("WALVAULT_ENCRYPTION_RECIPIENTS", &format!("{a}, {b}"))]), &[]).unwrap();
+        assert_eq!(c.encryption.recipients, vec![a, b]);
     }
 
     #[test]
@@ -764,8 +858,13 @@ mod tests {
     fn every_key_round_trips_through_env() {
         for k in KEYS {
             let name = format!("WALVAULT_{}_{}", k.section.to_uppercase(), k.key.to_uppercase());
+            let (recipient, public_key) = (age_recipient(), crate::repo::SigningKey::generate().public().to_string());
             let value = match (k.kind, k.key) {
                 (_, "url") => "file:///tmp/x",
+                (_, "endpoint") => "http://127.0.0.1:9000",
+                (_, "base_backup") => "0 30 3 * * *",
+                (_, "recipients") => recipient.as_str(),
+                (_, "public_key") => public_key.as_str(),
                 (_, "checksums") => "when_required",
                 (_, "checkpoint") => "spread",
                 (_, "target_action") => "pause",
