@@ -11,7 +11,8 @@
 #   scripts/bench.sh [--scale N] [--segments N] [--only LIST] [--keep]
 #
 # Defaults: pgbench scale 100 (about 1.5 GB), 200 WAL segments, everything.
-# Results go to stdout and bench-results/ (as a Markdown table).
+# Results go to stdout and bench-results/ (as a Markdown table). WV_LEVEL sets
+# walvault's zstd level (default 3, pgBackRest's is 3 too).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -76,6 +77,8 @@ key_file = "$W/keys/agent.key"
 public_key = "$PUB"
 [wal]
 spool_dir = "$W/wv-spool"
+[compression]
+level = ${WV_LEVEL:-3}
 EOF
 chmod 600 $W/walvault.toml
 
@@ -193,7 +196,7 @@ EOF
   for tool in wv br; do mkdir -p $W/rp-$tool; chown postgres $W/rp-$tool; done
   PG $W/walvault --config $W/walvault.toml restore --pgdata $W/rp-wv/data >/dev/null
   PG $BR --pg1-path=$W/rp-br/data restore >/dev/null
-  export -f replay; export W PGBIN
+  export -f replay PG; export W PGBIN
   say "replay: walvault archive-get (prefetch)"
   measure wv-replay bash -c "replay $W/rp-wv/data 55433"
   say "replay: pgbackrest archive-get (async)"
