@@ -542,8 +542,8 @@ const REPO_CASES: &[RepoCase] = &[
         name: "a blob range outside its pack (truncated pack)",
         damage: |f, r| truncate_half(&f.pack(r, "pack")),
         command: "restore",
-        code: 3,
-        message: "restoring backup $BACKUP (...)\nrecovery target: the end of the archived WAL (latest), along timeline 1\nerror: restore failed; the data directory is incomplete and must not be started: restoring <file>: invalid request on object 'packs/<hh>/<hex>.pack': range <n>..<n> outside an object of <n> bytes\n[files left in the destination]",
+        code: 6,
+        message: "restoring backup $BACKUP (...)\nrecovery target: the end of the archived WAL (latest), along timeline 1\nerror: restore failed; the data directory is incomplete and must not be started: restoring <file>: object 'packs/<hh>/<hex>.pack' is not intact: pack is shorter than the manifest says\nhint: run `walvault verify` to list every damaged object; restore from another backup if needed\n[files left in the destination]",
     },
     RepoCase {
         name: "garbage pack",

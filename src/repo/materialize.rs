@@ -532,7 +532,18 @@ async fn decode_group(shared: &Arc<Shared>, g: FetchGroup) -> Result<Decoded> {
         .ok_or_else(|| Error::failed(format!("file list names pack #{} that the manifest lacks", g.pack)))?;
     let key = layout::pack_key(pack_id);
     let _permit = shared.ranges.acquire().await.expect("semaphore open");
-    let bytes = storage::get_bytes(shared.store.as_ref(), &key, Some(g.start..g.end)).await?;
+    let bytes = match storage::get_bytes(shared.store.as_ref(), &key, Some(g.start..g.end)).await {
+        Ok(b) => b,
+        // The range the manifest recorded starts past the pack's end: the pack
+        // was truncated or replaced, which is damage, not a bad request.
+        // (The same words as a range cut short below: which one a truncated
+        // pack meets first depends on which fetch fails first.)
+        Err(e) if e.kind() == crate::storage::StorageErrorKind::InvalidInput => {
+            tracing::debug!(error = %e, "ranged read past the end of a pack");
+            return Err(RepoError::Integrity { object: key, message: "pack is shorter than the manifest says".into() }.into());
+        }
+        Err(e) => return Err(e.into()),
+    };
     if bytes.len() as u64 != g.end - g.start {
         return Err(RepoError::Integrity { object: key, message: "pack is shorter than the manifest says".into() }.into());
     }
