@@ -372,16 +372,32 @@ impl<'a> Session<'a> {
         self.remove_stale_streaming_copies(&wal).await;
         let on_path: BTreeSet<u64> =
             complete.iter().filter(|(t, s)| tli_of_segment(&path, *s, self.seg_size) == *t).map(|(_, s)| *s).collect();
+        // A segment stored only as a streaming copy: its WAL was reported
+        // flushed (so the slot may have moved past it) but the complete
+        // segment never landed (the connection or the store failed between
+        // the two). Stream it again while the server still has it.
+        let unfinished = wal
+            .iter()
+            .filter(|e| e.kind == WalFileKind::Segment && e.streaming)
+            .filter_map(|e| WalSegmentName::parse(&e.file, self.seg_size))
+            .filter(|s| !complete.contains(&(s.tli, s.segno)) && tli_of_segment(&path, s.segno, self.seg_size) == s.tli)
+            .map(|s| s.segno)
+            .min();
 
         let slot_segno = slot_restart.filter(|l| l.is_valid()).map(|l| l.segno(self.seg_size));
-        let Some(segno) = resume_segno(&on_path, slot_segno) else {
+        let from_slot = slot_segno.map(|r| unfinished.map_or(r, |u| r.min(u)));
+        let Some(segno) = resume_segno(&on_path, from_slot) else {
             // Nothing stored yet: from the slot, or from where the server is.
-            let start = match slot_restart {
+            let base = match slot_restart {
                 Some(r) if r.is_valid() && r < xlogpos => r,
                 _ => xlogpos,
             }
             .segment_start(self.seg_size);
-            return Ok(Resume { start, tli: tli_of_lsn(&path, start), slot_restart, fallback: None });
+            if let Some(u) = unfinished.map(|u| Lsn(u * self.seg_size)).filter(|u| *u < base) {
+                tracing::warn!(segment = %WalSegmentName::of_lsn(tli_of_lsn(&path, u), u, self.seg_size), "a segment was stored only as a streaming copy; streaming it again");
+                return Ok(Resume { start: u, tli: tli_of_lsn(&path, u), slot_restart, fallback: Some((base, tli_of_lsn(&path, base))) });
+            }
+            return Ok(Resume { start: base, tli: tli_of_lsn(&path, base), slot_restart, fallback: None });
         };
         let newest = *on_path.last().expect("resume_segno found stored segments");
         if slot_segno.is_some_and(|r| r > newest + 1) {
@@ -409,7 +425,7 @@ impl<'a> Session<'a> {
             );
         }
         let after_newest = Lsn((newest + 1) * self.seg_size);
-        let fallback = (segno <= newest).then(|| (after_newest, tli_of_lsn(&path, after_newest)));
+        let fallback = (segno <= newest || unfinished == Some(segno)).then(|| (after_newest, tli_of_lsn(&path, after_newest)));
         Ok(Resume { start, tli, slot_restart, fallback })
     }
 

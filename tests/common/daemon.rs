@@ -211,6 +211,8 @@ pub fn assert_no_orphans(repo: &Path, kept: &[String]) {
     let files = list_files(repo);
     let mut dirs: Vec<String> =
         files.iter().filter_map(|f| f.strip_prefix("backups/")).map(|f| f.split('/').next().unwrap().to_string()).collect();
+    // Keys list in byte order ("<id>-1/" before "<id>/"): compare as sets.
+    dirs.sort();
     dirs.dedup();
     let mut sorted_kept = kept.to_vec();
     sorted_kept.sort();
