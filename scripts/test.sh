@@ -62,7 +62,7 @@ cargo clippy --all-targets --quiet -- -D warnings
 # --- tests --------------------------------------------------------------------
 S3_DIR=$(mktemp -d /tmp/walvault-s3-XXXX)
 eval "$(scripts/s3-server.sh start "$S3_DIR")"
-trap 'scripts/s3-server.sh stop "$S3_DIR" >/dev/null 2>&1 || true' EXIT
+trap 'scripts/s3-server.sh stop "$S3_DIR" >/dev/null 2>&1 || true; rm -rf "$S3_DIR"' EXIT
 
 runner=(cargo test --no-fail-fast)
 if cargo nextest --version >/dev/null 2>&1; then
