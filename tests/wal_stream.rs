@@ -165,8 +165,9 @@ fn streamer_crash_and_server_restart_leave_no_gap() {
     let archive = CopyArchive::new(&env, "archive");
     pg.set_guc("archive_command", &archive.command());
 
-    // The second segment's upload takes 30 s: the next ones land before it.
-    env.set_env("WALVAULT_TEST_FAULTS", "put_if_absent:2:delay=30000");
+    // The second segment's upload hangs (10 min; the streamer is killed long
+    // before): the next ones land before it.
+    env.set_env("WALVAULT_TEST_FAULTS", "put_if_absent:2:delay=600000");
     let mut streamer = Streamer::start(&env, "first");
     wait_streaming(&pg, &mut streamer);
     pgbench(&pg, &["-i", "-s", "1", "-q"]);
@@ -179,12 +180,23 @@ fn streamer_crash_and_server_restart_leave_no_gap() {
         let lsn: walvault::pg::Lsn = at.split_whitespace().next().unwrap_or("0/0").parse().unwrap_or_default();
         lsn.0 >> 20 // 1 MiB segments
     };
-    wait_for("segments stored past the held one", Duration::from_secs(60), || {
+    // Which upload is the second depends on timing: usually a segment (then
+    // a hole shows), sometimes a streaming copy (then the kill lands with that
+    // upload in flight instead). Either way the restart must leave no gap.
+    let hole = || {
         let s = stored_segments(&env);
         let segnos: Vec<u64> = s.iter().map(|n| u64::from_str_radix(&n[16..], 16).unwrap()).collect();
-        let holes = segnos.windows(2).any(|w| w[1] > w[0] + 1) || segnos.first().is_some_and(|f| *f > first_streamed);
-        if holes && s.len() >= 3 { Ok(()) } else { Err(format!("{s:?} (streaming started in segment {first_streamed:X})")) }
+        segnos.windows(2).any(|w| w[1] > w[0] + 1) || segnos.first().is_some_and(|f| *f > first_streamed)
+    };
+    wait_for("three segments stored", Duration::from_secs(120), || {
+        let s = stored_segments(&env);
+        if s.len() >= 3 { Ok(()) } else { Err(format!("{s:?} (streaming started in segment {first_streamed:X})")) }
     });
+    let seen = Instant::now();
+    while !hole() && seen.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!("a segment upload held back with later ones stored: {}", hole());
     let before = stored_segments(&env);
     streamer.kill9();
     eprintln!("killed the streamer with {before:?} stored");
