@@ -19,9 +19,9 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::env::{Env, chown_tree, stderr, stdout};
+use common::env::{Env, chown_tree};
 use common::pg::PgCluster;
-use support::{MARKERS_DDL, MarkerWriter, Rng, restore_and_keep};
+use support::{MARKERS_DDL, MarkerWriter, Rng, assert_repository_sound, restore_and_keep};
 use wal_support::{SEG, Streamer, repo_wal, stored_segments, wait_for};
 
 /// One kill: at a named point (its nth visit) or after a random delay, from outside.
@@ -90,19 +90,6 @@ fn assert_done_files_stored(pg: &PgCluster, env: &Env, after: &str) -> usize {
     }
     assert!(lost.is_empty(), "after {after}: PostgreSQL was told these are archived but the repository lacks them: {lost:?}");
     checked
-}
-
-/// Every backup `info --json` shows is restorable, and `verify --deep` passes.
-fn assert_repository_sound(env: &Env, after: &str) {
-    let info = env.info_json();
-    for b in info["backups"].as_array().cloned().unwrap_or_default() {
-        if b["restorable"] != true {
-            eprintln!("RELIABILITY unrestorable_visible=1");
-            panic!("after {after}: backup {} is visible but not restorable: {info}", b["id"]);
-        }
-    }
-    let out = env.run(&["verify", "--deep"]);
-    assert!(out.status.success(), "after {after}: verify --deep failed:\n{}\n{}", stdout(&out), stderr(&out));
 }
 
 /// Waits for a killed process, and checks it died at the planned point.

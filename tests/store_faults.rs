@@ -14,10 +14,10 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use common::env::{Env, stderr, stdout};
+use common::env::{Env, stderr};
 use common::pg::PgCluster;
 use common::s3::S3Server;
-use support::{MARKERS_DDL, MarkerWriter, restore_and_keep};
+use support::{MARKERS_DDL, MarkerWriter, assert_repository_sound, restore_and_keep};
 
 fn survived(what: &str) {
     eprintln!("RELIABILITY fault {what} survived");
@@ -57,18 +57,6 @@ fn pack_completion_pending(child: &mut std::process::Child) -> bool {
     child.try_wait().unwrap().is_none()
 }
 
-fn assert_sound(env: &Env, after: &str) {
-    let info = env.info_json();
-    for b in info["backups"].as_array().cloned().unwrap_or_default() {
-        if b["restorable"] != true {
-            eprintln!("RELIABILITY unrestorable_visible=1");
-            panic!("after {after}: backup {} is visible but not restorable: {info}", b["id"]);
-        }
-    }
-    let out = env.run(&["verify", "--deep"]);
-    assert!(out.status.success(), "after {after}: verify --deep failed:\n{}\n{}", stdout(&out), stderr(&out));
-}
-
 #[test]
 fn backup_archive_and_restore_ride_out_bursts_of_transient_faults() {
     let s3 = S3Server::shared();
@@ -93,7 +81,7 @@ fn backup_archive_and_restore_ride_out_bursts_of_transient_faults() {
     survived("archive-push under 503/SlowDown/reset");
     markers.finish();
     support::switch_and_wait_archived(&pg);
-    assert_sound(&env, "a backup under faults");
+    assert_repository_sound(&env, "a backup under faults");
 
     // archive-get: a store that resets every read is never taken for "not found"
     // (exit 1 would end recovery early) and leaves no partial file.
@@ -179,7 +167,7 @@ fn a_failed_multipart_completion_leaves_no_backup_and_no_open_upload() {
         stderr(&out)
     );
     assert!(open_multipart_uploads(s3, &env).is_empty());
-    assert_sound(&env, "a multipart completion retried");
+    assert_repository_sound(&env, "a multipart completion retried");
     survived("backup whose multipart completion fails once");
 }
 
@@ -232,7 +220,7 @@ fn the_store_stopped_mid_backup_and_mid_archiving_loses_nothing() {
     let id = env.run_ok(&["backup"]).trim().to_string();
     markers.finish();
     support::switch_and_wait_archived(&pg);
-    assert_sound(&env, "a store outage");
+    assert_repository_sound(&env, "a store outage");
     survived("archive-push with the store stopped and started again");
     let dir = env.new_dir("restored").join("data");
     let mut replayed = restore_and_keep(&env, &pg, &dir, &["--backup", &id]);

@@ -340,3 +340,16 @@ impl Rng {
 pub fn is_empty_dir(p: &Path) -> bool {
     std::fs::read_dir(p).map(|mut d| d.next().is_none()).unwrap_or(true)
 }
+
+/// Every backup `info --json` shows is restorable, and `verify --deep` passes.
+pub fn assert_repository_sound(env: &Env, after: &str) {
+    let info = env.info_json();
+    for b in info["backups"].as_array().cloned().unwrap_or_default() {
+        if b["restorable"] != true {
+            eprintln!("RELIABILITY unrestorable_visible=1");
+            panic!("after {after}: backup {} is visible but not restorable: {info}", b["id"]);
+        }
+    }
+    let out = env.run(&["verify", "--deep"]);
+    assert!(out.status.success(), "after {after}: verify --deep failed:\n{}\n{}", stdout(&out), stderr(&out));
+}
