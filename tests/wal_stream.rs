@@ -188,9 +188,11 @@ fn streamer_crash_and_server_restart_leave_no_gap() {
         let segnos: Vec<u64> = s.iter().map(|n| u64::from_str_radix(&n[16..], 16).unwrap()).collect();
         segnos.windows(2).any(|w| w[1] > w[0] + 1) || segnos.first().is_some_and(|f| *f > first_streamed)
     };
-    wait_for("three segments stored", Duration::from_secs(120), || {
+    // At most UPLOADS_IN_FLIGHT (3) uploads run at once: with the held one
+    // among them, two later segments is all that can land.
+    wait_for("two segments stored", Duration::from_secs(120), || {
         let s = stored_segments(&env);
-        if s.len() >= 3 { Ok(()) } else { Err(format!("{s:?} (streaming started in segment {first_streamed:X})")) }
+        if s.len() >= 2 { Ok(()) } else { Err(format!("{s:?} (streaming started in segment {first_streamed:X})")) }
     });
     let seen = Instant::now();
     while !hole() && seen.elapsed() < Duration::from_secs(20) {
