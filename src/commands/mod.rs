@@ -94,7 +94,7 @@ impl Ctx {
     pub async fn wal_writer(&self, store: Store) -> Result<WalArchive> {
         let key = Arc::new(self.signing_key()?);
         let desc = self.agent_descriptor(&store, &key).await?;
-        let sealer = desc.descriptor.sealer(self.config.compression.level)?;
+        let sealer = desc.descriptor.sealer(self.config.compression.wal_level)?;
         Ok(WalArchive::new(store, desc, Some(WalWriter { key, sealer })))
     }
 
