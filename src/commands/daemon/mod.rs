@@ -256,6 +256,17 @@ async fn start_streamer(ctx: &Arc<Ctx>, state: &Shared) -> Result<Streamer> {
     Ok(Streamer { stop, task })
 }
 
+/// A backup's buffers are freed when it ends, but glibc keeps the freed pages
+/// in its per-thread arenas: hand them back, so the daemon's RSS between
+/// backups is what streaming needs, not the last backup's peak.
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free memory to the kernel; it takes no pointers.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 fn spawn_backup(ctx: Arc<Ctx>, store: Store, state: Shared, shutdown: watch::Receiver<bool>, why: &'static str) -> JoinHandle<()> {
     // Set before the task runs, so health never sees the run without its backup.
     state.lock().unwrap().backup_running = true;
@@ -297,6 +308,7 @@ fn spawn_backup(ctx: Arc<Ctx>, store: Store, state: Shared, shutdown: watch::Rec
                 alerts::raise(&ctx, &state, "backup_failed", &e.to_string(), serde_json::json!({"hint": e.hint(), "reason": why}));
             }
         }
+        release_freed_memory();
     })
 }
 
