@@ -7,8 +7,10 @@
 //!                              -> file entries, in tar order, into the file list
 //! ```
 //!
-//! Memory is bounded by the batches in flight (a few MiB), the packs being
-//! uploaded (on local disk, not in memory) and the chunk index.
+//! Memory: the batches in flight (a few MiB), the parts of packs being uploaded
+//! (packs are spooled on local disk; `repository.parallel` parts of 8 MiB in
+//! flight across them), the files not yet complete (in tar order), the chunk
+//! index, and about 120 bytes per chunk this backup stores (where each went).
 
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
@@ -50,7 +52,7 @@ struct NewChunk {
     pack: u32,
     blob_offset: u64,
     blob_len: u32,
-    blob_hash: String,
+    blob_hash: blake3::Hash,
     frame_offset: u32,
     frame_len: u32,
     raw_len: u32,
@@ -232,13 +234,13 @@ impl BackupWriter {
     /// Records a batch's results, in order: blob into the pack, chunk references
     /// into their files.
     async fn apply(&mut self, meta: Vec<(u64, bool)>, result: BatchResult) -> Result<(), RepoError> {
-        let mut blob_at: Option<(u32, u32, u64, u32, String)> = None;
+        let mut blob_at: Option<(u32, u32, u64, u32, blake3::Hash)> = None;
         if let Some(blob) = &result.blob {
             let spool = self.s.spool.clone();
             let (writer, pack_no) = self.current_pack()?;
             let (blob_no, offset) =
                 writer.add_blob(&blob.bytes, &blob.hash).map_err(|e| RepoError::Spool { path: spool.clone(), message: e.to_string() })?;
-            blob_at = Some((pack_no, blob_no, offset, blob.bytes.len() as u32, blob.hash.to_hex().to_string()));
+            blob_at = Some((pack_no, blob_no, offset, blob.bytes.len() as u32, blob.hash));
             self.stats.stored_new += blob.bytes.len() as u64;
         }
         for (chunk, (seq, whole)) in result.chunks.into_iter().zip(meta) {
@@ -250,7 +252,7 @@ impl BackupWriter {
                         pack: *pack_no,
                         blob_offset: *offset,
                         blob_len: *len,
-                        blob_hash: hash.clone(),
+                        blob_hash: *hash,
                         frame_offset: frame.offset,
                         frame_len: frame.len,
                         raw_len: chunk.raw_len,
@@ -271,7 +273,7 @@ impl BackupWriter {
                         pack: pack_no,
                         blob_offset: blob.offset,
                         blob_len: blob.len,
-                        blob_hash: blake3::Hash::from_bytes(blob.hash).to_hex().to_string(),
+                        blob_hash: blake3::Hash::from_bytes(blob.hash),
                         frame_offset: loc.frame.offset,
                         frame_len: loc.frame.len,
                         raw_len: loc.raw_len,
@@ -287,7 +289,13 @@ impl BackupWriter {
             let c = (loc.frame_offset, loc.frame_len, loc.raw_len, hex::encode(chunk.id));
             match file.entry.blobs.last_mut() {
                 Some(run) if run.p == loc.pack && run.o == loc.blob_offset => run.c.push(c),
-                _ => file.entry.blobs.push(BlobRun { p: loc.pack, o: loc.blob_offset, l: loc.blob_len, h: loc.blob_hash, c: vec![c] }),
+                _ => file.entry.blobs.push(BlobRun {
+                    p: loc.pack,
+                    o: loc.blob_offset,
+                    l: loc.blob_len,
+                    h: loc.blob_hash.to_hex().to_string(),
+                    c: vec![c],
+                }),
             }
         }
         self.drain_complete()?;
@@ -332,7 +340,9 @@ impl BackupWriter {
         while self.uploads.len() >= UPLOADS {
             self.next_upload().await?;
         }
-        let (store, key, parallel) = (self.s.store.clone(), self.s.key.clone(), self.s.parallel);
+        // `repository.parallel` parts in flight across the packs uploading, not
+        // per pack: each part in flight is a buffer of up to 8 MiB.
+        let (store, key, parallel) = (self.s.store.clone(), self.s.key.clone(), (self.s.parallel / UPLOADS).max(1));
         self.uploads.push(tokio::spawn(async move { upload(store, key, index, path, parallel).await }));
         Ok(())
     }

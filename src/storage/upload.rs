@@ -116,7 +116,15 @@ where
 
     /// Up to `size` bytes; fewer only at the end of the stream.
     async fn next_part(&mut self, size: usize) -> Result<Bytes, StorageError> {
+        // Reserved once: grown by doubling, an 8 MiB part would pass through
+        // copies of 1, 2 and 4 MiB first.
         let mut buf = BytesMut::new();
+        if self.at_end().await? {
+            return Ok(buf.freeze());
+        }
+        if self.pending.as_ref().is_some_and(|p| p.len() < size) {
+            buf.reserve(size);
+        }
         while buf.len() < size && !self.at_end().await? {
             let mut chunk = self.pending.take().unwrap_or_default();
             let room = size - buf.len();
