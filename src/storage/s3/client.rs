@@ -39,6 +39,10 @@ pub(crate) async fn build(opts: &S3Options) -> Result<aws_sdk_s3::Client, Storag
     match (&opts.access_key_id, &opts.secret_access_key) {
         (Some(id), Some(secret)) => {
             loader = loader.credentials_provider(Credentials::new(id, secret, opts.session_token.clone(), None, "walvault-config"));
+            // With the keys given, nothing is wanted from ~/.aws: not reading it
+            // also spares a warning on every run where HOME is not the running
+            // user's (runuser -u postgres from root keeps HOME=/root).
+            loader = loader.profile_files(no_profile_files());
         }
         (None, None) => {} // the AWS default chain: environment, profile, web identity, container, IMDS
         _ => {
@@ -67,6 +71,15 @@ pub(crate) async fn build(opts: &S3Options) -> Result<aws_sdk_s3::Client, Storag
         config = config.endpoint_url(url);
     }
     Ok(aws_sdk_s3::Client::from_conf(config.build()))
+}
+
+/// A profile file set holding only /dev/null (the set may not be empty).
+/// (aws-config re-exports aws-runtime's `EnvConfigFiles` under these
+/// deprecated names; they are the same types, without another dependency.)
+#[allow(deprecated)]
+fn no_profile_files() -> aws_config::profile::profile_file::ProfileFiles {
+    use aws_config::profile::profile_file::{ProfileFileKind, ProfileFiles};
+    ProfileFiles::builder().with_file(ProfileFileKind::Config, "/dev/null").build()
 }
 
 fn is_loopback(url: &str) -> bool {
