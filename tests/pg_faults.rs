@@ -1,7 +1,8 @@
 //! PostgreSQL faults around walvault: the server restarted in the middle of a
 //! base backup (the backup fails clearly and is not recorded; the next one
-//! works), and WAL removed before the streamer stored it (the daemon says a
-//! new backup is needed and takes one). A server restarted mid-stream and a
+//! works), WAL removed before the streamer stored it (the daemon says a
+//! new backup is needed and takes one), and the slot dropped while the daemon
+//! streams through it (recreated, no gap). A server restarted mid-stream and a
 //! promotion while streaming are in tests/wal_stream.rs.
 
 mod common;
@@ -94,4 +95,50 @@ fn wal_removed_before_it_was_streamed_makes_the_daemon_take_a_new_backup() {
     assert_eq!(info["backups"][1]["restorable"], true, "{info}");
     daemon.stop();
     survived("WAL removed before it was streamed (new backup taken)");
+}
+
+/// An operator drops the slot while the daemon streams through it (terminating
+/// the walsender first: an active slot cannot be dropped). The daemon
+/// reconnects, creates the slot again and carries on from the repository's
+/// position, which the server still has: no gap, nothing lost, the backup
+/// still restorable.
+#[test]
+fn the_slot_dropped_while_streaming_is_recreated_without_a_gap() {
+    let pg = PgCluster::start(PgOptions::new().initdb_arg("--wal-segsize=1"));
+    let mut env = Env::builder(&pg).set("schedule.base_backup", "\"0 0 3 1 1 *\"").set("wal.partial_interval", "\"1s\"").build();
+    env.run_ok(&["init"]);
+    pg.psql("create table t(id int, pad text)");
+    let daemon = Daemon::start(&mut env);
+    daemon.wait_for("a healthy daemon (first backup taken, streaming)", Duration::from_secs(180), || daemon.health().0 == 200);
+    pg.psql("insert into t select g, repeat('a', 300) from generate_series(1, 5000) g");
+
+    // The daemon reconnects within a second: terminate and drop until the drop wins.
+    let dropped = (0..200).any(|_| {
+        pg.psql("select pg_terminate_backend(active_pid) from pg_replication_slots where slot_name = 'walvault' and active_pid is not null");
+        let r = pg.try_psql("select pg_drop_replication_slot('walvault')");
+        if r.is_err() {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        r.is_ok()
+    });
+    assert!(dropped, "could not drop the slot while the daemon reconnects");
+    pg.psql("insert into t select g, repeat('b', 300) from generate_series(5001, 10000) g");
+    daemon.wait_for("the slot created again and in use", Duration::from_secs(60), || {
+        pg.psql("select count(*) from pg_replication_slots where slot_name = 'walvault' and active") == "1"
+    });
+    pg.psql("select pg_switch_wal()");
+    let last = pg.psql("select pg_walfile_name(pg_current_wal_lsn() - 1)");
+    daemon.wait_for("the last segment stored", Duration::from_secs(60), || {
+        env.info_json()["last_archived"]["file"].as_str().is_some_and(|f| f >= last.as_str() && !f.ends_with(".streaming"))
+    });
+    assert!(daemon.log_text().matches("created replication slot").count() >= 2, "{}", daemon.log_text());
+    daemon.stop();
+    let info = env.info_json();
+    for tl in info["timelines"].as_array().unwrap() {
+        assert_eq!(tl["gaps"].as_array().map(|g| g.len()), Some(0), "{info}");
+    }
+    assert_eq!(info["backups"][0]["restorable"], true, "{info}");
+    let out = env.run(&["verify"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    survived("the slot dropped while streaming (recreated, no gap)");
 }
