@@ -149,3 +149,42 @@ fn check_fails_on_an_unwritable_store() {
     assert_eq!(line(&report, "wal_level"), vec!["ok    wal_level: replica"]);
     assert!(report.ends_with("1 check(s) failed\n"), "{report}");
 }
+
+/// `sslmode=verify-full` through the binary: with the server's certificate as
+/// the root and the name it was issued for, init, backup and check connect
+/// (pg_hba.conf allows TCP only over TLS); under another name the backup is
+/// refused before it starts, naming the host, and nothing is recorded.
+#[test]
+fn verify_full_tls_through_the_binary() {
+    let pg = PgCluster::start(
+        PgOptions::new()
+            .guc("archive_mode", "on")
+            .guc("archive_command", "'/bin/false'")
+            .hba("hostssl all postgres 127.0.0.1/32 trust")
+            .hba("hostssl replication postgres 127.0.0.1/32 trust"),
+    );
+    let (crt, key) =
+        common::pg::make_cert(&pg, "server", &["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"], "-sha256", "DNS:localhost");
+    pg.set_gucs(&[("ssl_cert_file", &crt.display().to_string()), ("ssl_key_file", &key.display().to_string()), ("ssl", "on")]);
+    let conninfo = |host: &str| {
+        format!(
+            "\"host={host} hostaddr=127.0.0.1 port={} user=postgres dbname=postgres sslmode=verify-full sslrootcert={}\"",
+            pg.port(),
+            crt.display()
+        )
+    };
+    let mut env = Env::new(&pg);
+    env.set("postgres.conninfo", &conninfo("localhost"));
+    env.run_ok(&["init"]);
+    pg.set_guc("archive_command", &env.archive_command());
+    env.run_ok(&["backup", "--label", "over-tls"]);
+    let (code, report) = check(&env, &[]);
+    assert_eq!(code, 0, "{report}");
+
+    env.set("postgres.conninfo", &conninfo("wrong.example"));
+    let out = env.run(&["backup"]);
+    let err = common::env::stderr(&out);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("wrong.example"), "{err}");
+    assert_eq!(env.info_json()["backups"].as_array().map(|b| b.len()), Some(1));
+}

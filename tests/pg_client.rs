@@ -5,11 +5,10 @@
 mod common;
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::pg::{PgCluster, PgOptions};
+use common::pg::{PgCluster, PgOptions, make_cert};
 use futures::FutureExt;
 use walvault::pg::{AuthMethod, BackendMessage, ConnParams, Connection, Lsn, Mode, PgError};
 
@@ -236,26 +235,6 @@ async fn bytes_injected_before_the_tls_handshake_are_refused() {
 
 /// A self-signed certificate and key made with the openssl CLI, handed to
 /// the server's user.
-fn make_cert(cluster: &PgCluster, name: &str, key_args: &[&str], digest: &str, san: &str) -> (PathBuf, PathBuf) {
-    let dir = cluster.dir();
-    let (crt, key) = (dir.join(format!("{name}.crt")), dir.join(format!("{name}.key")));
-    let out = Command::new("openssl")
-        .args(["req", "-x509", "-nodes", "-days", "2", "-subj", "/CN=walvault-test", digest, "-addext"])
-        .arg(format!("subjectAltName={san}"))
-        .args(key_args)
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&crt)
-        .output()
-        .expect("run openssl");
-    assert!(out.status.success(), "openssl: {}", String::from_utf8_lossy(&out.stderr));
-    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
-    cluster.chown_to_postgres(&key);
-    cluster.chown_to_postgres(&crt);
-    (crt, key)
-}
-
 fn write_passfile(path: &Path, line: &str, mode: u32) {
     std::fs::write(path, format!("{line}\n")).unwrap();
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();

@@ -114,7 +114,9 @@ fn the_slot_dropped_while_streaming_is_recreated_without_a_gap() {
 
     // The daemon reconnects within a second: terminate and drop until the drop wins.
     let dropped = (0..200).any(|_| {
-        pg.psql("select pg_terminate_backend(active_pid) from pg_replication_slots where slot_name = 'walvault' and active_pid is not null");
+        pg.psql(
+            "select pg_terminate_backend(active_pid) from pg_replication_slots where slot_name = 'walvault' and active_pid is not null",
+        );
         let r = pg.try_psql("select pg_drop_replication_slot('walvault')");
         if r.is_err() {
             std::thread::sleep(Duration::from_millis(20));

@@ -575,3 +575,25 @@ fn run(cmd: &mut Command) -> Output {
     );
     out
 }
+
+/// A self-signed certificate and its key in the cluster's directory, owned by
+/// the postgres user (the server refuses a key others can read).
+pub fn make_cert(cluster: &PgCluster, name: &str, key_args: &[&str], digest: &str, san: &str) -> (PathBuf, PathBuf) {
+    let dir = cluster.dir();
+    let (crt, key) = (dir.join(format!("{name}.crt")), dir.join(format!("{name}.key")));
+    let out = Command::new("openssl")
+        .args(["req", "-x509", "-nodes", "-days", "2", "-subj", "/CN=walvault-test", digest, "-addext"])
+        .arg(format!("subjectAltName={san}"))
+        .args(key_args)
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&crt)
+        .output()
+        .expect("run openssl");
+    assert!(out.status.success(), "openssl: {}", String::from_utf8_lossy(&out.stderr));
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    cluster.chown_to_postgres(&key);
+    cluster.chown_to_postgres(&crt);
+    (crt, key)
+}
