@@ -119,10 +119,7 @@ where
         // Reserved once: grown by doubling, an 8 MiB part would pass through
         // copies of 1, 2 and 4 MiB first.
         let mut buf = BytesMut::new();
-        if self.at_end().await? {
-            return Ok(buf.freeze());
-        }
-        if self.pending.as_ref().is_some_and(|p| p.len() < size) {
+        if !self.at_end().await? && self.pending.as_ref().is_some_and(|p| p.len() < size) {
             buf.reserve(size);
         }
         while buf.len() < size && !self.at_end().await? {
