@@ -11,7 +11,7 @@ SECONDS_PER_TARGET="${1:-600}"
 shift || true
 TARGETS=("$@")
 if [ ${#TARGETS[@]} -eq 0 ]; then
-    TARGETS=(tar walheader conninfo record pack_index manifest descriptor control_file)
+    TARGETS=(tar walheader conninfo record pack_index manifest descriptor control_file replication)
 fi
 command -v cargo-afl >/dev/null || cargo install cargo-afl --locked
 export CARGO_TARGET_DIR="$PWD/fuzz/target"

@@ -99,38 +99,23 @@ enum Phase {
 
 pub struct BaseBackupStream<'c> {
     conn: &'c mut Connection,
-    modern: bool,
-    phase: Phase,
-    rows: Vec<Vec<Option<Bytes>>>,
-    tablespaces: Vec<TablespaceRow>,
-    next_archive: usize,
-    end: Option<(Lsn, u32)>,
-    pending: Option<BackupEvent>,
+    decoder: BaseBackupDecoder,
 }
 
 impl<'c> BaseBackupStream<'c> {
     pub async fn start(conn: &'c mut Connection, opts: &BaseBackupOptions) -> Result<BaseBackupStream<'c>, PgError> {
         let modern = conn.server_version_num() >= 150000;
         conn.send_query(&command(opts, conn.server_version_num())).await?;
-        Ok(BaseBackupStream {
-            conn,
-            modern,
-            phase: Phase::StartResult,
-            rows: Vec::new(),
-            tablespaces: Vec::new(),
-            next_archive: 0,
-            end: None,
-            pending: None,
-        })
+        Ok(BaseBackupStream { conn, decoder: BaseBackupDecoder::new(modern) })
     }
 
     /// The next event; `None` once the command completed.
     pub async fn next(&mut self) -> Result<Option<BackupEvent>, PgError> {
-        if let Some(ev) = self.pending.take() {
-            return Ok(Some(ev));
-        }
         loop {
-            if matches!(self.phase, Phase::Done) {
+            if let Some(ev) = self.decoder.pending.take() {
+                return Ok(Some(ev));
+            }
+            if self.decoder.is_done() {
                 return Ok(None);
             }
             let msg = self.conn.next_message().await?;
@@ -142,13 +127,60 @@ impl<'c> BaseBackupStream<'c> {
                         _ => {}
                     }
                 }
-                self.phase = Phase::Done;
+                self.decoder.phase = Phase::Done;
                 return Err(e);
             }
-            if let Some(ev) = self.step(msg)? {
+            if let Some(ev) = self.decoder.step(msg)? {
                 return Ok(Some(ev));
             }
         }
+    }
+}
+
+/// The replies to BASE_BACKUP turned into events, one message at a time:
+/// the state machine without the connection, so it is fuzzed directly
+/// (fuzz/src/bin/replication.rs).
+pub struct BaseBackupDecoder {
+    modern: bool,
+    phase: Phase,
+    rows: Vec<Vec<Option<Bytes>>>,
+    tablespaces: Vec<TablespaceRow>,
+    next_archive: usize,
+    end: Option<(Lsn, u32)>,
+    pending: Option<BackupEvent>,
+}
+
+impl BaseBackupDecoder {
+    /// `modern`: the server is PostgreSQL 15 or later (one CopyOut with typed sub-messages).
+    pub fn new(modern: bool) -> BaseBackupDecoder {
+        BaseBackupDecoder {
+            modern,
+            phase: Phase::StartResult,
+            rows: Vec::new(),
+            tablespaces: Vec::new(),
+            next_archive: 0,
+            end: None,
+            pending: None,
+        }
+    }
+
+    /// The command completed (ReadyForQuery after the end position).
+    pub fn is_done(&self) -> bool {
+        matches!(self.phase, Phase::Done)
+    }
+
+    /// Feeds one message; returns the event it completes, if any. A second
+    /// event due at the same message comes from `take_pending`.
+    pub fn feed(&mut self, msg: BackendMessage) -> Result<Option<BackupEvent>, PgError> {
+        if let BackendMessage::Error(e) = msg {
+            self.phase = Phase::Done;
+            return Err(e);
+        }
+        self.step(msg)
+    }
+
+    pub fn take_pending(&mut self) -> Option<BackupEvent> {
+        self.pending.take()
     }
 
     fn step(&mut self, msg: BackendMessage) -> Result<Option<BackupEvent>, PgError> {

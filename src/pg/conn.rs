@@ -12,7 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::conninfo::{ConnParams, Endpoint};
 use super::errfields::ServerMessage;
-use super::wire::{Frame, Wire};
+use super::wire::{Decoded, Frame, Wire, decode_frame};
 use super::{Lsn, PgError};
 
 pub use super::auth::AuthMethod;
@@ -173,39 +173,14 @@ impl Connection {
         loop {
             // Everything after read_frame returns is synchronous, so
             // cancellation can only happen inside it, where it is safe.
-            let message = match self.wire.read_frame().await? {
-                Frame::CopyData(data) => return Ok(BackendMessage::CopyData(data)),
-                Frame::CopyBothResponse => return Ok(BackendMessage::CopyBothResponse),
-                Frame::Message(m) => m,
-            };
-            let out = match message {
-                Message::CopyDone => BackendMessage::CopyDone,
-                Message::CopyOutResponse(_) => BackendMessage::CopyOutResponse,
-                Message::CopyInResponse(_) => BackendMessage::CopyInResponse,
-                Message::RowDescription(body) => BackendMessage::RowDescription(body.fields().map(|f| Ok(f.name().to_string())).collect()?),
-                Message::DataRow(body) => {
-                    let buf = body.buffer_bytes();
-                    BackendMessage::DataRow(body.ranges().map(|r| Ok(r.map(|r| buf.slice(r)))).collect()?)
+            match incoming(self.wire.read_frame().await?)? {
+                Incoming::Message(m) => return Ok(m),
+                Incoming::Notice(n) => n.log(),
+                Incoming::Parameter(name, value) => {
+                    self.parameters.insert(name, value);
                 }
-                Message::CommandComplete(body) => BackendMessage::CommandComplete(body.tag()?.to_string()),
-                Message::EmptyQueryResponse => BackendMessage::EmptyQueryResponse,
-                Message::ReadyForQuery(_) => BackendMessage::ReadyForQuery,
-                Message::ErrorResponse(body) => BackendMessage::Error(ServerMessage::parse(body.fields())?.into_error()),
-                Message::NoticeResponse(body) => {
-                    ServerMessage::parse(body.fields())?.log();
-                    continue;
-                }
-                Message::ParameterStatus(body) => {
-                    self.parameters.insert(body.name()?.to_string(), body.value()?.to_string());
-                    continue;
-                }
-                Message::NotificationResponse(body) => {
-                    tracing::debug!(channel = body.channel().unwrap_or("?"), "ignoring a NOTIFY");
-                    continue;
-                }
-                _ => return Err(PgError::Protocol("unexpected message (extended-query or authentication) from the server".into())),
-            };
-            return Ok(out);
+                Incoming::Notification(channel) => tracing::debug!(channel, "ignoring a NOTIFY"),
+            }
         }
     }
 
@@ -258,6 +233,57 @@ impl CancelToken {
 /// `server_version` as a number like `server_version_num`: "15.18 (Debian
 /// 15.18-0+deb12u1)" is 150018, "18.6" 180006, "17devel" and "16beta2"
 /// 170000 and 160000, "9.6.24" 90624.
+/// A frame as `next_message` sorts it.
+enum Incoming {
+    Message(BackendMessage),
+    Notice(ServerMessage),
+    Parameter(String, String),
+    Notification(String),
+}
+
+fn incoming(frame: Frame) -> Result<Incoming, PgError> {
+    let message = match frame {
+        Frame::CopyData(data) => return Ok(Incoming::Message(BackendMessage::CopyData(data))),
+        Frame::CopyBothResponse => return Ok(Incoming::Message(BackendMessage::CopyBothResponse)),
+        Frame::Message(m) => m,
+    };
+    let out = match message {
+        Message::CopyDone => BackendMessage::CopyDone,
+        Message::CopyOutResponse(_) => BackendMessage::CopyOutResponse,
+        Message::CopyInResponse(_) => BackendMessage::CopyInResponse,
+        Message::RowDescription(body) => BackendMessage::RowDescription(body.fields().map(|f| Ok(f.name().to_string())).collect()?),
+        Message::DataRow(body) => {
+            let buf = body.buffer_bytes();
+            BackendMessage::DataRow(body.ranges().map(|r| Ok(r.map(|r| buf.slice(r)))).collect()?)
+        }
+        Message::CommandComplete(body) => BackendMessage::CommandComplete(body.tag()?.to_string()),
+        Message::EmptyQueryResponse => BackendMessage::EmptyQueryResponse,
+        Message::ReadyForQuery(_) => BackendMessage::ReadyForQuery,
+        Message::ErrorResponse(body) => BackendMessage::Error(ServerMessage::parse(body.fields())?.into_error()),
+        Message::NoticeResponse(body) => return Ok(Incoming::Notice(ServerMessage::parse(body.fields())?)),
+        Message::ParameterStatus(body) => return Ok(Incoming::Parameter(body.name()?.to_string(), body.value()?.to_string())),
+        Message::NotificationResponse(body) => return Ok(Incoming::Notification(body.channel()?.to_string())),
+        _ => return Err(PgError::Protocol("unexpected message (extended-query or authentication) from the server".into())),
+    };
+    Ok(Incoming::Message(out))
+}
+
+/// The next message a connection would hand out from the bytes in `buf`
+/// (notices, parameter reports and notifications skipped), or None when
+/// `buf` holds no complete one. The decoding `Connection::next_message`
+/// does, without a socket: for the fuzz target and tests.
+pub fn decode_message(buf: &mut BytesMut) -> Result<Option<BackendMessage>, PgError> {
+    loop {
+        let frame = match decode_frame(buf)? {
+            Decoded::Frame(f) => f,
+            Decoded::Need(_) => return Ok(None),
+        };
+        if let Incoming::Message(m) = incoming(frame)? {
+            return Ok(Some(m));
+        }
+    }
+}
+
 pub fn parse_server_version(s: &str) -> Option<u32> {
     let numeric: String = s.trim().chars().take_while(|c| c.is_ascii_digit() || *c == '.').collect();
     let mut parts = numeric.split('.').filter(|p| !p.is_empty()).map(|p| p.parse::<u32>());
@@ -273,6 +299,31 @@ pub fn parse_server_version(s: &str) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut f = vec![tag];
+        f.extend(((body.len() + 4) as u32).to_be_bytes());
+        f.extend(body);
+        f
+    }
+
+    #[test]
+    fn messages_decode_from_a_buffer_and_notices_are_skipped() {
+        let mut bytes = frame(b'S', b"application_name\0x\0");
+        bytes.extend(frame(b'd', b"wal"));
+        bytes.extend(frame(b'C', b"SELECT 1\0"));
+        let whole = bytes.len();
+        bytes.extend(&frame(b'Z', b"I")[..3]);
+        let mut buf = BytesMut::from(&bytes[..]);
+        assert!(matches!(decode_message(&mut buf).unwrap(), Some(BackendMessage::CopyData(d)) if d == "wal"));
+        assert!(matches!(decode_message(&mut buf).unwrap(), Some(BackendMessage::CommandComplete(t)) if t == "SELECT 1"));
+        // An incomplete message stays in the buffer.
+        assert!(decode_message(&mut buf).unwrap().is_none());
+        assert_eq!(buf.len(), bytes.len() - whole);
+        let mut bad = BytesMut::from(&frame(b'?', b"")[..]);
+        let err = decode_message(&mut bad).err().unwrap().to_string();
+        assert!(err.contains("unknown message type '?'"), "{err}");
+    }
 
     #[test]
     fn server_versions() {

@@ -567,12 +567,9 @@ impl<'a> Session<'a> {
 
     /// Handles XLogData and keepalives.
     async fn on_copy_data(&mut self, conn: &mut Connection, data: Bytes) -> Result<Option<CopyEnd>> {
-        match data.first() {
-            Some(b'w') if data.len() >= 25 => {
-                let start = Lsn(u64::from_be_bytes(data[1..9].try_into().unwrap()));
-                let server_end = Lsn(u64::from_be_bytes(data[9..17].try_into().unwrap()));
-                let sent = i64::from_be_bytes(data[17..25].try_into().unwrap());
-                self.write_wal(start, data.slice(25..)).await?;
+        match ReplicationMessage::decode(data)? {
+            ReplicationMessage::XLogData { start, server_end, sent_at, wal } => {
+                self.write_wal(start, wal).await?;
                 let now = chrono::Utc::now();
                 self.note_arrival(now);
                 let oldest = self.oldest_unstored();
@@ -580,12 +577,10 @@ impl<'a> Session<'a> {
                 st.received = self.received;
                 st.server_end = server_end.max(self.received);
                 st.last_message = Some(now);
-                st.last_server_time = pg_time(sent);
+                st.last_server_time = pg_time(sent_at);
                 st.oldest_unstored_at = oldest;
             }
-            Some(b'k') if data.len() >= 18 => {
-                let server_end = Lsn(u64::from_be_bytes(data[1..9].try_into().unwrap()));
-                let reply = data[17] != 0;
+            ReplicationMessage::Keepalive { server_end, reply_requested: reply, .. } => {
                 {
                     let mut st = self.state.lock().unwrap();
                     st.server_end = server_end.max(self.received);
@@ -601,8 +596,7 @@ impl<'a> Session<'a> {
                     self.send_status(conn, false).await?;
                 }
             }
-            Some(t) => tracing::warn!(tag = %(*t as char), "ignoring an unknown replication message"),
-            None => {}
+            ReplicationMessage::Unknown(tag) => tracing::warn!(tag = %(tag as char), "ignoring an unknown replication message"),
         }
         Ok(None)
     }
@@ -930,6 +924,50 @@ enum CopyEnd {
     TimelineEnded,
 }
 
+/// A CopyData message of START_REPLICATION from the server.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ReplicationMessage {
+    /// WAL from `start`; `server_end` is the server's current end of WAL.
+    XLogData {
+        start: Lsn,
+        server_end: Lsn,
+        sent_at: i64,
+        wal: Bytes,
+    },
+    Keepalive {
+        server_end: Lsn,
+        sent_at: i64,
+        reply_requested: bool,
+    },
+    /// A type this version does not know (ignored, logged).
+    Unknown(u8),
+}
+
+impl ReplicationMessage {
+    /// Decodes one message; a known type that is too short is a protocol
+    /// error, not something to guess at.
+    pub fn decode(data: Bytes) -> std::result::Result<ReplicationMessage, PgError> {
+        let be64 = |at: usize| u64::from_be_bytes(data[at..at + 8].try_into().expect("8 bytes"));
+        let short =
+            |what: &str, need: usize| PgError::Protocol(format!("{what} message of {} bytes (at least {need} expected)", data.len()));
+        match data.first() {
+            Some(b'w') if data.len() < 25 => Err(short("XLogData", 25)),
+            Some(b'w') => Ok(ReplicationMessage::XLogData {
+                start: Lsn(be64(1)),
+                server_end: Lsn(be64(9)),
+                sent_at: be64(17) as i64,
+                wal: data.slice(25..),
+            }),
+            Some(b'k') if data.len() < 18 => Err(short("keepalive", 18)),
+            Some(b'k') => {
+                Ok(ReplicationMessage::Keepalive { server_end: Lsn(be64(1)), sent_at: be64(9) as i64, reply_requested: data[17] != 0 })
+            }
+            Some(&t) => Ok(ReplicationMessage::Unknown(t)),
+            None => Err(PgError::Protocol("empty CopyData during streaming".into())),
+        }
+    }
+}
+
 /// After CopyDone at the end of a timeline: the next timeline and where it starts.
 async fn read_timeline_end(conn: &mut Connection) -> Result<(TimelineId, Lsn)> {
     let mut next = None;
@@ -1022,5 +1060,37 @@ mod tests {
         assert!((st.lag_seconds(now) - 7.0).abs() < 0.01);
         st.flushed = Lsn(1000);
         assert_eq!(st.lag_seconds(now), 0.0);
+    }
+
+    #[test]
+    fn replication_messages_decode_and_short_ones_are_errors() {
+        let mut w = vec![b'w'];
+        w.extend(0x1_0000_0028u64.to_be_bytes());
+        w.extend(0x1_0000_1000u64.to_be_bytes());
+        w.extend(77i64.to_be_bytes());
+        w.extend(b"wal bytes");
+        let m = ReplicationMessage::decode(Bytes::from(w.clone())).unwrap();
+        assert_eq!(
+            m,
+            ReplicationMessage::XLogData {
+                start: Lsn(0x1_0000_0028),
+                server_end: Lsn(0x1_0000_1000),
+                sent_at: 77,
+                wal: Bytes::from_static(b"wal bytes")
+            }
+        );
+        let mut k = vec![b'k'];
+        k.extend(5u64.to_be_bytes());
+        k.extend(9i64.to_be_bytes());
+        k.push(1);
+        assert_eq!(
+            ReplicationMessage::decode(Bytes::from(k.clone())).unwrap(),
+            ReplicationMessage::Keepalive { server_end: Lsn(5), sent_at: 9, reply_requested: true }
+        );
+        let err = ReplicationMessage::decode(Bytes::from(w[..24].to_vec())).unwrap_err().to_string();
+        assert!(err.contains("XLogData message of 24 bytes (at least 25 expected)"), "{err}");
+        assert!(ReplicationMessage::decode(Bytes::from(k[..17].to_vec())).is_err());
+        assert!(ReplicationMessage::decode(Bytes::new()).is_err());
+        assert_eq!(ReplicationMessage::decode(Bytes::from_static(b"z")).unwrap(), ReplicationMessage::Unknown(b'z'));
     }
 }

@@ -119,51 +119,15 @@ impl Wire {
     }
 
     fn parse_frame(&mut self) -> Result<Option<Frame>, PgError> {
-        let Some(header) = Header::parse(&self.rbuf)? else {
-            return Ok(None);
-        };
-        let total = header.len() as usize + 1;
-        if total > MAX_MESSAGE {
-            return Err(PgError::Protocol(format!("message of {total} bytes announced; the connection is out of step")));
-        }
-        if self.rbuf.len() < total {
-            self.want = total;
-            return Ok(None);
-        }
-        self.want = 0;
-        match header.tag() {
-            backend::COPY_DATA_TAG => {
-                self.rbuf.advance(5);
-                Ok(Some(Frame::CopyData(self.rbuf.split_to(total - 5).freeze())))
+        match decode_frame(&mut self.rbuf)? {
+            Decoded::Frame(f) => {
+                self.want = 0;
+                Ok(Some(f))
             }
-            b'W' => {
-                // Same layout as CopyOutResponse; walvault only ever asks for
-                // binary WAL, so the format codes need no checking.
-                self.rbuf.advance(total);
-                Ok(Some(Frame::CopyBothResponse))
+            Decoded::Need(total) => {
+                self.want = total;
+                Ok(None)
             }
-            backend::AUTHENTICATION_TAG => {
-                let code = self.rbuf.get(5..9).map(|b| i32::from_be_bytes([b[0], b[1], b[2], b[3]]));
-                match code {
-                    Some(0 | 2 | 3 | 5..=12) => self.parse_known(),
-                    other => Err(PgError::Unsupported(format!(
-                        "the server asks for an authentication method walvault does not know (code {other:?}); \
-                         use scram-sha-256 in pg_hba.conf"
-                    ))),
-                }
-            }
-            // Message::parse drops the frame before rejecting a tag it does
-            // not know, so only known tags go to it.
-            tag if KNOWN_TAGS.contains(&tag) => self.parse_known(),
-            b'v' => Err(PgError::Protocol("the server sent NegotiateProtocolVersion, but walvault requested plain protocol 3.0".into())),
-            tag => Err(PgError::Protocol(format!("unknown message type {:?} from the server", tag as char))),
-        }
-    }
-
-    fn parse_known(&mut self) -> Result<Option<Frame>, PgError> {
-        match Message::parse(&mut self.rbuf)? {
-            Some(m) => Ok(Some(Frame::Message(m))),
-            None => Err(PgError::Protocol("a complete message did not parse".into())),
         }
     }
 
@@ -181,6 +145,68 @@ impl Wire {
             return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the server closed the connection").into());
         }
         Ok(())
+    }
+}
+
+/// What `decode_frame` found at the head of a read buffer.
+pub enum Decoded {
+    Frame(Frame),
+    /// The head frame is not complete: this many bytes (header included)
+    /// are needed in all; zero when not even its header is in.
+    Need(usize),
+}
+
+/// Splits the first backend message off `rbuf`, leaving an incomplete one
+/// in place. Pure (no I/O), so it is fuzzed directly (fuzz/src/bin/replication.rs).
+pub fn decode_frame(rbuf: &mut BytesMut) -> Result<Decoded, PgError> {
+    let Some(header) = Header::parse(rbuf)? else {
+        return Ok(Decoded::Need(0));
+    };
+    let total = header.len() as usize + 1;
+    if total > MAX_MESSAGE {
+        return Err(PgError::Protocol(format!("message of {total} bytes announced; the connection is out of step")));
+    }
+    if rbuf.len() < total {
+        return Ok(Decoded::Need(total));
+    }
+    let frame = match header.tag() {
+        backend::COPY_DATA_TAG => {
+            rbuf.advance(5);
+            Frame::CopyData(rbuf.split_to(total - 5).freeze())
+        }
+        b'W' => {
+            // Same layout as CopyOutResponse; walvault only ever asks for
+            // binary WAL, so the format codes need no checking.
+            rbuf.advance(total);
+            Frame::CopyBothResponse
+        }
+        backend::AUTHENTICATION_TAG => {
+            let code = rbuf.get(5..9).map(|b| i32::from_be_bytes([b[0], b[1], b[2], b[3]]));
+            match code {
+                Some(0 | 2 | 3 | 5..=12) => parse_known(rbuf)?,
+                other => {
+                    return Err(PgError::Unsupported(format!(
+                        "the server asks for an authentication method walvault does not know (code {other:?}); \
+                         use scram-sha-256 in pg_hba.conf"
+                    )));
+                }
+            }
+        }
+        // Message::parse drops the frame before rejecting a tag it does
+        // not know, so only known tags go to it.
+        tag if KNOWN_TAGS.contains(&tag) => parse_known(rbuf)?,
+        b'v' => {
+            return Err(PgError::Protocol("the server sent NegotiateProtocolVersion, but walvault requested plain protocol 3.0".into()));
+        }
+        tag => return Err(PgError::Protocol(format!("unknown message type {:?} from the server", tag as char))),
+    };
+    Ok(Decoded::Frame(frame))
+}
+
+fn parse_known(rbuf: &mut BytesMut) -> Result<Frame, PgError> {
+    match Message::parse(rbuf)? {
+        Some(m) => Ok(Frame::Message(m)),
+        None => Err(PgError::Protocol("a complete message did not parse".into())),
     }
 }
 
