@@ -110,6 +110,13 @@ pub const KEYS: &[KeySpec] = &[
     key!("backup", "checkpoint", Str, "fast", "checkpoint at backup start: fast or spread"),
     key!("backup", "wal_timeout", Duration, "300s", "how long a backup waits for its WAL to reach the repository"),
     key!("backup", "pack_size", Size, "32MiB", "target size of pack objects"),
+    key!(
+        "backup",
+        "max_rate",
+        Size,
+        "0",
+        "most the server sends of a base backup per second, to spare a busy primary's disks (0: no limit; else 32KiB to 1GiB)"
+    ),
     key!("schedule", "base_backup", Str, "0 0 2 * * *", "cron expression (seconds field first) for base backups in the daemon"),
     key!("schedule", "time_zone", Str, "UTC", "time zone of the schedule (IANA name)"),
     key!("retention", "full_backups", Int, "", "keep this many newest backups"),
@@ -256,6 +263,9 @@ pub struct BackupConfig {
     pub wal_timeout: Duration,
     #[serde(deserialize_with = "size_de")]
     pub pack_size: u64,
+    /// Bytes per second; 0 is no limit (BASE_BACKUP's MAX_RATE, in kB).
+    #[serde(deserialize_with = "size_de")]
+    pub max_rate: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -375,7 +385,7 @@ impl Default for WalConfig {
 
 impl Default for BackupConfig {
     fn default() -> Self {
-        BackupConfig { checkpoint: Checkpoint::Fast, wal_timeout: Duration::from_secs(300), pack_size: 32 << 20 }
+        BackupConfig { checkpoint: Checkpoint::Fast, wal_timeout: Duration::from_secs(300), pack_size: 32 << 20, max_rate: 0 }
     }
 }
 
@@ -455,11 +465,18 @@ pub fn load(path: Option<&Path>, env: &BTreeMap<String, String>, overrides: &[St
     let explicit = path.is_some();
     let path = path.map(Path::to_path_buf).or_else(default_config_path);
     let mut table = toml::Table::new();
+    // Where each key's value came from, for errors found after merging.
+    let mut origins: BTreeMap<String, String> = BTreeMap::new();
     if let Some(p) = &path {
         match std::fs::read_to_string(p) {
             Ok(text) => {
                 table = text.parse::<toml::Table>().map_err(|e| ConfigError::Parse { path: p.clone(), message: e.to_string() })?;
                 check_file_keys(&table, p)?;
+                for (section, keys) in &table {
+                    for key in keys.as_table().into_iter().flat_map(|t| t.keys()) {
+                        origins.insert(format!("{section}.{key}"), p.display().to_string());
+                    }
+                }
                 if holds_secret(&table) {
                     check_private(p)?;
                 }
@@ -481,7 +498,9 @@ pub fn load(path: Option<&Path>, env: &BTreeMap<String, String>, overrides: &[St
             }
             continue;
         };
-        set_value(&mut table, spec, value, &format!("environment variable {name}"))?;
+        let origin = format!("environment variable {name}");
+        set_value(&mut table, spec, value, &origin)?;
+        origins.insert(format!("{}.{}", spec.section, spec.key), origin);
     }
     for item in overrides {
         let (key, value) =
@@ -491,13 +510,14 @@ pub fn load(path: Option<&Path>, env: &BTreeMap<String, String>, overrides: &[St
             return Err(ConfigError::SecretOnCommandLine { key: key.trim().into() });
         }
         set_value(&mut table, spec, value, "--set")?;
+        origins.insert(format!("{}.{}", spec.section, spec.key), "--set".into());
     }
     let origin = path.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "defaults".into());
     let mut config: Config = toml::Value::Table(table)
         .try_into()
         .map_err(|e: toml::de::Error| ConfigError::Parse { path: PathBuf::from(&origin), message: e.message().to_string() })?;
     config.source = path.filter(|p| p.exists());
-    config.validate()?;
+    config.validate(&|key| origins.get(key).cloned().unwrap_or_else(|| "default".into()))?;
     Ok(config)
 }
 
@@ -618,9 +638,10 @@ fn parse_bool(s: &str) -> Option<bool> {
 }
 
 impl Config {
-    fn validate(&self) -> Result<(), ConfigError> {
-        let origin = self.source.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "configuration".into());
-        let bad = |key: &str, message: String| ConfigError::BadValue { key: key.into(), origin: origin.clone(), message };
+    /// Checks values against each other and their ranges; `origin` names
+    /// where a key's value came from (file, environment variable, --set).
+    fn validate(&self, origin: &dyn Fn(&str) -> String) -> Result<(), ConfigError> {
+        let bad = |key: &str, message: String| ConfigError::BadValue { key: key.into(), origin: origin(key), message };
         if !(1..=19).contains(&self.compression.level) {
             return Err(bad("compression.level", format!("{} is outside 1..=19", self.compression.level)));
         }
@@ -673,6 +694,10 @@ impl Config {
         }
         if self.backup.pack_size < (1 << 20) || self.backup.pack_size > (1 << 30) {
             return Err(bad("backup.pack_size", "must be between 1MiB and 1GiB".into()));
+        }
+        if self.backup.max_rate != 0 && !((32 << 10)..=(1 << 30)).contains(&self.backup.max_rate) {
+            // PostgreSQL's own bounds for MAX_RATE (32 kB/s to 1 GB/s).
+            return Err(bad("backup.max_rate", "must be 0 (no limit) or between 32KiB and 1GiB (per second)".into()));
         }
         if self.wal.partial_interval.is_zero() {
             return Err(bad("wal.partial_interval", "must be more than zero".into()));

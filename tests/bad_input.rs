@@ -207,6 +207,14 @@ const CONFIG_CASES: &[ConfigCase] = &[
         message: "error: configuration key 'backup.pack_size' ($DIR/walvault.toml): must be between 1MiB and 1GiB\nhint: see the configuration reference in README.md for each key's accepted values",
     },
     ConfigCase {
+        name: "a backup rate limit below what PostgreSQL accepts, from the environment",
+        toml: "",
+        env: &[("WALVAULT_BACKUP_MAX_RATE", "16KiB")],
+        set: &[],
+        code: 2,
+        message: "error: configuration key 'backup.max_rate' (environment variable WALVAULT_BACKUP_MAX_RATE): must be 0 (no limit) or between 32KiB and 1GiB (per second)\nhint: see the configuration reference in README.md for each key's accepted values",
+    },
+    ConfigCase {
         name: "a boolean that is a string in the file",
         toml: "[wal]\nsynchronous = \"maybe\"",
         env: &[],
@@ -228,7 +236,7 @@ const CONFIG_CASES: &[ConfigCase] = &[
         env: &[],
         set: &["repository.url=ftp://backups/x"],
         code: 2,
-        message: "error: configuration key 'repository.url' ($DIR/walvault.toml): repository url 'ftp://backups/x' is neither file:///path nor s3://bucket/prefix\nhint: see the configuration reference in README.md for each key's accepted values",
+        message: "error: configuration key 'repository.url' (--set): repository url 'ftp://backups/x' is neither file:///path nor s3://bucket/prefix\nhint: see the configuration reference in README.md for each key's accepted values",
     },
     ConfigCase {
         name: "an S3 URL without a bucket",
@@ -236,7 +244,7 @@ const CONFIG_CASES: &[ConfigCase] = &[
         env: &[],
         set: &["repository.url=s3://"],
         code: 2,
-        message: "error: configuration key 'repository.url' ($DIR/walvault.toml): repository url 's3://': no bucket name, expected s3://bucket/prefix\nhint: see the configuration reference in README.md for each key's accepted values",
+        message: "error: configuration key 'repository.url' (--set): repository url 's3://': no bucket name, expected s3://bucket/prefix\nhint: see the configuration reference in README.md for each key's accepted values",
     },
     ConfigCase {
         name: "an S3 endpoint without a scheme",
@@ -244,7 +252,7 @@ const CONFIG_CASES: &[ConfigCase] = &[
         env: &[],
         set: &["repository.endpoint=localhost:9000"],
         code: 2,
-        message: "error: configuration key 'repository.endpoint' ($DIR/walvault.toml): 'localhost:9000' is not a URL (expected https://host[:port] or http://host[:port])\nhint: see the configuration reference in README.md for each key's accepted values",
+        message: "error: configuration key 'repository.endpoint' (--set): 'localhost:9000' is not a URL (expected https://host[:port] or http://host[:port])\nhint: see the configuration reference in README.md for each key's accepted values",
     },
     ConfigCase {
         name: "an unknown choice",

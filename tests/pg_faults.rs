@@ -2,10 +2,13 @@
 //! base backup (the backup fails clearly and is not recorded; the next one
 //! works), WAL removed before the streamer stored it (the daemon says a
 //! new backup is needed and takes one), and the slot dropped while the daemon
-//! streams through it (recreated, no gap). A server restarted mid-stream and a
+//! streams through it (recreated, no gap), and a standby promoted while it is
+//! being backed up (the backup fails clearly and is not recorded; the next
+//! one, of the new primary, works). A server restarted mid-stream and a
 //! promotion while streaming are in tests/wal_stream.rs.
 
 mod common;
+mod wal_support;
 
 use std::time::{Duration, Instant};
 
@@ -142,4 +145,43 @@ fn the_slot_dropped_while_streaming_is_recreated_without_a_gap() {
     let out = env.run(&["verify"]);
     assert!(out.status.success(), "{}", stderr(&out));
     survived("the slot dropped while streaming (recreated, no gap)");
+}
+
+#[test]
+fn a_standby_promoted_during_its_backup_fails_the_backup_and_records_nothing() {
+    let primary = PgCluster::start(PgOptions::new().guc("autovacuum", "off"));
+    primary.psql("create table noise as select g, md5(g::text) || md5((g * 7)::text) as t from generate_series(1, 300000) g");
+    let mut env = Env::builder(&primary).build();
+    let standby = wal_support::start_standby(&primary, &env, "standby", &[("archive_mode", "on"), ("archive_command", &env.archive_command())]);
+    env.set("postgres.conninfo", &format!("\"{}\"", standby.conninfo()));
+    // Some 40 MB at 4 MiB/s: the promotion lands well inside the backup.
+    env.set("backup.max_rate", "\"4MiB\"");
+    env.set("backup.pack_size", "\"1MiB\"");
+    env.run_ok(&["init"]);
+    let started = Instant::now();
+    let running = env.cmd(&["backup"]).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while pack_indexes(&env) < 1 {
+        assert!(Instant::now() < deadline, "no pack was uploaded");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(standby.psql("select pg_promote()"), "t");
+    let out = running.wait_with_output().unwrap();
+    let err = stderr(&out);
+    assert!(!out.status.success(), "a backup of a standby promoted under it cannot succeed: {err}");
+    assert!(err.contains("promoted during online backup"), "names the cause: {err}");
+    assert!(err.contains("hint:"), "says what to do: {err}");
+    assert!(started.elapsed() > Duration::from_secs(5), "the rate limit held the backup back ({:?})", started.elapsed());
+    assert_eq!(env.info_json()["backups"].as_array().unwrap().len(), 0, "nothing recorded");
+    survived("standby promoted mid-backup (clean failure)");
+
+    // The promoted standby is a primary now, archiving to the repository.
+    env.set("backup.max_rate", "\"0\"");
+    let id = env.run_ok(&["backup"]).trim().to_string();
+    let info = env.info_json();
+    assert_eq!(info["backups"][0]["id"], id.as_str());
+    assert_eq!(info["backups"][0]["restorable"], true, "{info}");
+    assert_eq!(info["backups"][0]["timeline"], 2, "{info}");
+    let out = env.run(&["verify", "--deep"]);
+    assert!(out.status.success(), "{}", stderr(&out));
 }

@@ -13,7 +13,7 @@ use super::{Lsn, PgError};
 pub struct BaseBackupOptions {
     pub label: String,
     pub fast_checkpoint: bool,
-    /// Bytes per second, or none.
+    /// kB (1024 bytes) per second, or none.
     pub max_rate_kb: Option<u32>,
 }
 
