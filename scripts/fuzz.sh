@@ -18,11 +18,12 @@ export CARGO_TARGET_DIR="$PWD/fuzz/target"
 (cd fuzz && cargo afl build --release)
 OUT="${FUZZ_OUT:-fuzz/out}"
 mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
 export AFL_SKIP_CPUFREQ=1 AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES=1 AFL_NO_UI=1
 run() {
     local t="$1"
     rm -rf "$OUT/$t"
-    (cd fuzz && cargo afl fuzz -V "$SECONDS_PER_TARGET" -i "seeds/$t" -o "../$OUT/$t" "target/release/$t") >"$OUT/$t.log" 2>&1 || true
+    (cd fuzz && cargo afl fuzz -V "$SECONDS_PER_TARGET" -i "seeds/$t" -o "$OUT/$t" "target/release/$t") >"$OUT/$t.log" 2>&1 || true
 }
 JOBS="${JOBS:-1}"
 running=0

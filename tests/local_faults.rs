@@ -6,53 +6,12 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
-
-use common::env::{Env, chown_tree, postgres_ids, stderr};
+use common::env::{Env, chown_tree, stderr};
 use common::pg::{PgCluster, PgOptions};
+use common::tmpfs::Tmpfs;
 
 fn survived(what: &str) {
     eprintln!("RELIABILITY fault {what} survived");
-}
-
-/// A tmpfs of `size` mounted on a fresh directory, owned by postgres; unmounted on drop.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(env: &Env, name: &str, size: &str) -> Tmpfs {
-        assert_eq!(unsafe { libc::geteuid() }, 0, "the local-fault tests mount tmpfs and need root (CI runs as root)");
-        let dir = env.new_dir(name);
-        let (uid, gid) = postgres_ids().expect("a postgres user");
-        let ok = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0755,uid={uid},gid={gid}"), "tmpfs"])
-            .arg(&dir)
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "cannot mount a tmpfs on {}", dir.display());
-        Tmpfs(dir)
-    }
-
-    fn resize(&self, size: &str) {
-        let ok = Command::new("mount").args(["-o", &format!("remount,size={size}")]).arg(&self.0).status().unwrap().success();
-        assert!(ok, "cannot resize the tmpfs on {}", self.0.display());
-    }
-
-    fn remount_read_only(&self, ro: bool) {
-        let ok = Command::new("mount").args(["-o", if ro { "remount,ro" } else { "remount,rw" }]).arg(&self.0).status().unwrap().success();
-        assert!(ok);
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
 }
 
 fn cluster_with_backup() -> (PgCluster, Env, String) {
@@ -70,7 +29,7 @@ fn restore_targets_that_are_full_read_only_or_forbidden_fail_clearly_and_a_retry
     let (_pg, env, id) = cluster_with_backup();
 
     // A full disk: 8 MB for a cluster of some 40 MB.
-    let disk = Tmpfs::mount(&env, "small", "8m");
+    let disk = Tmpfs::mount(&env.new_dir("small"), "8m");
     let dest = disk.path().join("data");
     let (code, err) = env.run_err(&["restore", "--pgdata", dest.to_str().unwrap(), "--backup", &id]);
     assert!(code >= 3, "{err}");
@@ -87,7 +46,7 @@ fn restore_targets_that_are_full_read_only_or_forbidden_fail_clearly_and_a_retry
     survived("restore into a full disk, retried after freeing space");
 
     // A read-only destination.
-    let ro = Tmpfs::mount(&env, "ro", "64m");
+    let ro = Tmpfs::mount(&env.new_dir("ro"), "64m");
     let ro_dest = ro.path().join("data");
     std::fs::create_dir(&ro_dest).unwrap();
     chown_tree(&ro_dest);
@@ -114,7 +73,7 @@ fn restore_targets_that_are_full_read_only_or_forbidden_fail_clearly_and_a_retry
 #[test]
 fn a_full_spool_fails_the_backup_clearly_and_a_retry_after_freeing_space_succeeds() {
     let (_pg, mut env, _) = cluster_with_backup();
-    let spool = Tmpfs::mount(&env, "spool-disk", "600k");
+    let spool = Tmpfs::mount(&env.new_dir("spool-disk"), "600k");
     env.set("wal.spool_dir", &format!("\"{}\"", spool.path().display()));
     // New data, so the backup has packs to spool.
     _pg.psql("create table more as select g, md5((g * 3)::text) || md5((g * 11)::text) as t from generate_series(1, 100000) g");

@@ -4,10 +4,14 @@
 //! new backup is needed and takes one), and the slot dropped while the daemon
 //! streams through it (recreated, no gap), and a standby promoted while it is
 //! being backed up (the backup fails clearly and is not recorded; the next
-//! one, of the new primary, works). A server restarted mid-stream and a
+//! one, of the new primary, works), and pg_wal filling up while the store is
+//! down (the server stops; once there is room again and the store is back, the
+//! daemon catches up and a restore has every committed row). A server
+//! restarted mid-stream and a
 //! promotion while streaming are in tests/wal_stream.rs.
 
 mod common;
+mod support;
 mod wal_support;
 
 use std::time::{Duration, Instant};
@@ -15,6 +19,8 @@ use std::time::{Duration, Instant};
 use common::daemon::Daemon;
 use common::env::{Env, stderr};
 use common::pg::{PgCluster, PgOptions};
+use common::s3::S3Server;
+use common::tmpfs::Tmpfs;
 
 fn survived(what: &str) {
     eprintln!("RELIABILITY fault {what} survived");
@@ -152,7 +158,8 @@ fn a_standby_promoted_during_its_backup_fails_the_backup_and_records_nothing() {
     let primary = PgCluster::start(PgOptions::new().guc("autovacuum", "off"));
     primary.psql("create table noise as select g, md5(g::text) || md5((g * 7)::text) as t from generate_series(1, 300000) g");
     let mut env = Env::builder(&primary).build();
-    let standby = wal_support::start_standby(&primary, &env, "standby", &[("archive_mode", "on"), ("archive_command", &env.archive_command())]);
+    let standby =
+        wal_support::start_standby(&primary, &env, "standby", &[("archive_mode", "on"), ("archive_command", &env.archive_command())]);
     env.set("postgres.conninfo", &format!("\"{}\"", standby.conninfo()));
     // Some 40 MB at 4 MiB/s: the promotion lands well inside the backup.
     env.set("backup.max_rate", "\"4MiB\"");
@@ -184,4 +191,83 @@ fn a_standby_promoted_during_its_backup_fails_the_backup_and_records_nothing() {
     assert_eq!(info["backups"][0]["timeline"], 2, "{info}");
     let out = env.run(&["verify", "--deep"]);
     assert!(out.status.success(), "{}", stderr(&out));
+}
+
+#[test]
+fn a_full_pg_wal_stops_the_server_and_once_there_is_room_nothing_committed_is_lost() {
+    let mut s3 = S3Server::start();
+    let mount = tempfile::Builder::new().prefix("walvault-test-pgwal-").tempdir_in("/tmp").unwrap();
+    // Ten segments: the slot holds on to WAL while the store is down, so this fills.
+    let disk = Tmpfs::mount(mount.path(), "160m");
+    let waldir = disk.path().join("pg_wal");
+    let mut pg = PgCluster::start(
+        PgOptions::new()
+            .initdb_arg(&format!("--waldir={}", waldir.display()))
+            .guc("autovacuum", "off")
+            .guc("min_wal_size", "'32MB'")
+            .guc("max_wal_size", "'64MB'"),
+    );
+    let mut env = Env::builder(&pg).s3(&s3).set("schedule.base_backup", "\"0 0 3 1 1 *\"").set("wal.partial_interval", "\"1s\"").build();
+    env.run_ok(&["init"]);
+    pg.psql(support::MARKERS_DDL);
+    pg.psql("create table bulk(id int, pad text)");
+    let daemon = Daemon::start(&mut env);
+    daemon.wait_for("a healthy daemon (first backup taken, streaming)", Duration::from_secs(180), || daemon.health().0 == 200);
+
+    s3.stop();
+    // Each round commits some 5 MB of rows and then its marker, in one transaction.
+    let mut committed = 0;
+    let mut failure = String::new();
+    for round in 1..=200 {
+        match pg.try_psql(&format!(
+            "insert into bulk select g, repeat('x', 1000) from generate_series(1, 5000) g; insert into markers(id) values ({round})"
+        )) {
+            Ok(_) => committed = round,
+            Err(e) => {
+                failure = e;
+                break;
+            }
+        }
+    }
+    assert!(!failure.is_empty(), "pg_wal never filled ({committed} rounds committed)");
+    // PostgreSQL PANICs; its crash recovery may need WAL space too. Either way it goes down.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !pg.exited() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    pg.stop();
+    let log = std::fs::read_to_string(pg.log_file()).unwrap();
+    assert!(log.contains("No space left on device"), "the server stopped for lack of space in pg_wal: {failure}\n{}", pg.log_tail());
+    eprintln!("pg_wal full after {committed} committed rounds: {failure}");
+    daemon.wait_for("/healthz to say streaming is down", Duration::from_secs(60), || {
+        let (status, health) = daemon.health();
+        status == 503 && health["problems"].to_string().contains("WAL streaming is not connected")
+    });
+    assert!(!daemon.exited(), "the daemon rides out the server's absence");
+    survived("pg_wal full while the store was down (server stopped, daemon kept running)");
+
+    // The operator makes room and brings the store back; the server recovers.
+    s3.start_again();
+    disk.resize("1g");
+    pg.start_again();
+    let source = pg.psql(support::MARKERS_SUMMARY);
+    let count: i64 = source.split(' ').next().unwrap().parse().unwrap();
+    assert!(count == committed || count == committed + 1, "the source has every committed marker: {source} ({committed} committed)");
+    daemon.wait_for("/healthz to turn healthy again", Duration::from_secs(240), || daemon.health().0 == 200);
+    let switched = pg.psql("select pg_walfile_name(pg_switch_wal())");
+    daemon.wait_for("the switched segment in the repository", Duration::from_secs(120), || {
+        let info = env.info_json();
+        info["timelines"][0]["wal_ranges"].as_array().and_then(|r| r.last()).is_some_and(|r| r["last"].as_str() >= Some(switched.as_str()))
+    });
+    let info = env.info_json();
+    assert_eq!(info["timelines"][0]["gaps"], serde_json::json!([]), "{info:#}");
+    assert_eq!(info["timelines"][0]["wal_ranges"].as_array().unwrap().len(), 1, "{info:#}");
+
+    let dir = env.new_dir("restored").join("data");
+    let mut r = support::restore_and_keep(&env, &pg, &dir, &[]);
+    let restored = r.psql(&pg, support::MARKERS_SUMMARY);
+    r.stop(&pg);
+    assert_eq!(restored, source, "a restore to latest has every committed marker: {}", r.stderr);
+    let (status, _) = daemon.stop();
+    assert!(status.success());
 }

@@ -6,3 +6,4 @@ pub mod daemon;
 pub mod env;
 pub mod pg;
 pub mod s3;
+pub mod tmpfs;

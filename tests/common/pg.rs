@@ -331,6 +331,16 @@ impl PgCluster {
         }
     }
 
+    /// Whether the postmaster exited by itself (after a PANIC it could not
+    /// recover from, say); reaps it if so.
+    pub fn exited(&mut self) -> bool {
+        let gone = self.postmaster.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_some());
+        if gone {
+            self.postmaster = None;
+        }
+        gone
+    }
+
     pub fn is_running(&self) -> bool {
         self.postmaster.is_some()
     }
