@@ -82,6 +82,9 @@ pub enum Command {
     /// Background worker of archive-get: prefetches WAL into the spool.
     #[command(name = "archive-get-prefetch", hide = true)]
     ArchiveGetPrefetch(PrefetchArgs),
+    /// Background worker of archive-push: stores a backlog of ready segments.
+    #[command(name = "archive-push-pusher", hide = true)]
+    ArchivePushPusher(PusherArgs),
 }
 
 #[derive(Debug, Args)]
@@ -133,6 +136,13 @@ pub struct ArchiveGetArgs {
     pub name: String,
     /// Where to write it (%p).
     pub dest: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct PusherArgs {
+    /// The pg_wal directory whose ready segments to store.
+    #[arg(long)]
+    pub wal_dir: PathBuf,
 }
 
 #[derive(Debug, Args)]

@@ -5,15 +5,25 @@
 //! in parallel in the same call; a marker in the spool records each one, so when
 //! PostgreSQL asks for it later the answer is immediate. PostgreSQL itself marks
 //! a segment archived only when archive-push for that segment exits 0.
+//!
+//! A backlog is better served by a background pusher (like pgBackRest's
+//! asynchronous archiving): a call that sees more ready segments after its own
+//! starts `archive-push-pusher` (detached, one per repository, held by a file
+//! lock), which keeps storing the ready segments in order, several at once,
+//! writing a marker for each. The call then waits for its own segment's
+//! marker, checks the object is in the store, and exits 0. If the pusher
+//! fails on that segment, ends without it, or takes too long, the call stores
+//! the segment itself, so its exact errors are the ones PostgreSQL logs.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::StreamExt;
 
 use super::Ctx;
-use crate::cli::ArchivePushArgs;
+use crate::cli::{ArchivePushArgs, PusherArgs};
 use crate::error::{Error, Result, ResultExt};
 use crate::pg::lsn::{HistoryEntry, WalFileKind, WalSegmentName, classify_wal_file, parse_history};
 use crate::pg::walheader::{self, ExpectedWal};
@@ -44,6 +54,22 @@ pub async fn run(ctx: &Ctx, args: &ArchivePushArgs) -> Result<i32> {
         return Ok(0);
     }
 
+    if kind == WalFileKind::Segment && ctx.config.wal.push_parallel > 1 {
+        let wal_dir = wal_dir_of(&args.path);
+        // A marker here that did not answer above (other content, or the
+        // object is gone) is one the pusher would skip: no use waiting for it.
+        if !ready_after(&wal_dir, &name, 1).is_empty() && read_marker(&markers, &name).is_none() {
+            let plain = blake3::hash(&data).to_hex().to_string();
+            if wait_for_pusher(ctx, &markers, &wal_dir, &name, &plain).await && store.head(&WalArchive::key_of(&name)).await?.is_some() {
+                tracing::info!("{name} archived by the background pusher (blake3 {plain})");
+                write_marker(&markers, &name, &plain, false);
+                prune_markers(&markers, &name);
+                crate::crashpoint::crash_point("archive_push.before_exit");
+                return Ok(0);
+            }
+        }
+    }
+
     let archive = ctx.wal_writer(store).await?;
     let expected = archive.expected_wal();
     let data = match kind {
@@ -55,7 +81,8 @@ pub async fn run(ctx: &Ctx, args: &ArchivePushArgs) -> Result<i32> {
     };
 
     let mut batch = vec![(name.clone(), data)];
-    if kind == WalFileKind::Segment && ctx.config.wal.push_parallel > 1 {
+    // Ship the next ones too, unless the background pusher is at them.
+    if kind == WalFileKind::Segment && ctx.config.wal.push_parallel > 1 && !pusher_running(&markers) {
         batch.extend(backlog(&args.path, &name, ctx.config.wal.push_parallel - 1, &expected));
     }
     let results = push_batch(&archive, batch, "archive-push", |n| marker_link(&markers, n)).await;
@@ -179,10 +206,13 @@ fn local_histories(path: &Path) -> Vec<Vec<HistoryEntry>> {
         .collect()
 }
 
-/// The next `.ready` segments after `current`, read and checked; ones that fail
-/// their check are left for PostgreSQL to push (and fail) itself.
-fn backlog(path: &Path, current: &str, max: usize, expected: &ExpectedWal) -> Vec<(String, Bytes)> {
-    let wal_dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+/// The pg_wal directory of a WAL file path (relative paths stay relative).
+fn wal_dir_of(path: &Path) -> PathBuf {
+    path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf()
+}
+
+/// Up to `max` segment names after `current` that PostgreSQL marked ready, in order.
+fn ready_after(wal_dir: &Path, current: &str, max: usize) -> Vec<String> {
     let Ok(entries) = std::fs::read_dir(wal_dir.join("archive_status")) else { return Vec::new() };
     let mut ready: Vec<String> = entries
         .flatten()
@@ -190,9 +220,16 @@ fn backlog(path: &Path, current: &str, max: usize, expected: &ExpectedWal) -> Ve
         .filter(|n| classify_wal_file(n) == Some(WalFileKind::Segment) && n.as_str() > current)
         .collect();
     ready.sort();
+    ready.truncate(max);
     ready
+}
+
+/// The next `.ready` segments after `current`, read and checked; ones that fail
+/// their check are left for PostgreSQL to push (and fail) itself.
+fn backlog(path: &Path, current: &str, max: usize, expected: &ExpectedWal) -> Vec<(String, Bytes)> {
+    let wal_dir = wal_dir_of(path);
+    ready_after(&wal_dir, current, max)
         .into_iter()
-        .take(max)
         .filter_map(|n| {
             let data = std::fs::read(wal_dir.join(&n)).ok()?;
             check_file(&n, WalFileKind::Segment, &data, expected).ok()?;
@@ -331,4 +368,202 @@ fn prune_markers(dir: &Path, current: &str) {
             let _ = std::fs::remove_file(e.path());
         }
     }
+}
+
+/// How long a call waits for the background pusher to store its segment
+/// before storing it itself (the pusher may be stuck on a slow store).
+const PUSHER_WAIT: Duration = Duration::from_secs(60);
+/// How long a just-started pusher has to take its lock.
+const PUSHER_START: Duration = Duration::from_secs(5);
+/// The pusher exits after this long with nothing ready to store.
+const PUSHER_IDLE_EXIT: Duration = Duration::from_secs(2);
+const PUSHER_LOCK: &str = "pusher.lock";
+
+/// Marks a segment the pusher could not store, so the call waiting for it
+/// stores it itself at once instead of waiting out PUSHER_WAIT.
+fn failed_path(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("{name}.failed"))
+}
+
+/// The pusher's lock, taken without waiting: None if a pusher holds it.
+/// The lock lasts as long as the returned file is open (it dies with the process).
+fn try_pusher_lock(dir: &Path) -> Option<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let _ = std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir);
+    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).mode(0o600).open(dir.join(PUSHER_LOCK)).ok()?;
+    (unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0).then_some(file)
+}
+
+fn pusher_running(dir: &Path) -> bool {
+    try_pusher_lock(dir).is_none()
+}
+
+/// Waits for the background pusher (started here if none runs) to store
+/// `name` with content `plain`. False when this call must store it itself.
+async fn wait_for_pusher(ctx: &Ctx, markers: &Path, wal_dir: &Path, name: &str, plain: &str) -> bool {
+    let started = Instant::now();
+    let mut spawned: Option<Instant> = None;
+    let mut seen_running = false;
+    loop {
+        if read_marker(markers, name).is_some_and(|m| m.plain == plain) {
+            return true;
+        }
+        if failed_path(markers, name).exists() {
+            let _ = std::fs::remove_file(failed_path(markers, name));
+            tracing::info!("the background pusher could not store {name}; storing it here");
+            return false;
+        }
+        if pusher_running(markers) {
+            seen_running = true;
+        } else if seen_running || spawned.is_some_and(|at| at.elapsed() > PUSHER_START) {
+            // It ended (or died, or never got going) without this segment.
+            return false;
+        } else if spawned.is_none() {
+            if let Err(e) = spawn_pusher(ctx, wal_dir) {
+                tracing::warn!(error = %e, "cannot start the background pusher; storing segments one call at a time");
+                return false;
+            }
+            spawned = Some(Instant::now());
+        }
+        if started.elapsed() > PUSHER_WAIT {
+            tracing::warn!("the background pusher has not stored {name} after {}s; storing it here", PUSHER_WAIT.as_secs());
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn spawn_pusher(ctx: &Ctx, wal_dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::process::CommandExt;
+    let wal_dir = std::fs::canonicalize(wal_dir)?;
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    if let Some(cfg) = &ctx.config.source {
+        cmd.arg("--config").arg(std::fs::canonicalize(cfg)?);
+    }
+    for s in &ctx.overrides {
+        cmd.arg("--set").arg(s);
+    }
+    // Its log lines go where archive-push's go: PostgreSQL's log.
+    cmd.arg("archive-push-pusher").arg("--wal-dir").arg(wal_dir).stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null());
+    // Detached from the archiver's process group so it outlives this call.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    cmd.spawn()?;
+    Ok(())
+}
+
+/// Where the pusher gets a segment's chain link (its predecessor's plaintext
+/// checksum): known (from a marker), or from the predecessor's sealing, still
+/// under way in the pipeline. None falls back to the predecessor's record in the store.
+#[derive(Clone)]
+enum Link {
+    Known(Option<String>),
+    Pending(futures::future::Shared<tokio::sync::oneshot::Receiver<String>>),
+}
+
+/// The background pusher: stores the ready segments of `wal_dir` in order,
+/// `archive_parallelism()` at a time (as one is stored the next starts), each
+/// linked to its predecessor, and writes a marker for each one stored. Exits
+/// when nothing has been ready for PUSHER_IDLE_EXIT, or at once if another
+/// pusher holds the lock.
+pub async fn pusher(ctx: &Ctx, args: &PusherArgs) -> Result<i32> {
+    use futures::FutureExt;
+    use futures::stream::FuturesUnordered;
+
+    let markers = marker_dir(ctx);
+    let Some(_lock) = try_pusher_lock(&markers) else { return Ok(0) };
+    let store = ctx.store().await?;
+    let archive = Arc::new(ctx.wal_writer(store).await?);
+    let expected = archive.expected_wal();
+    let seg_size = archive.seg_size();
+    let parallel = archive_parallelism();
+    let mut in_flight = FuturesUnordered::new();
+    let mut last: Option<(String, Link)> = None;
+    let mut idle_since = Instant::now();
+    let (mut stored, mut failed) = (0u64, 0u64);
+    loop {
+        if in_flight.len() < parallel {
+            let after = last.as_ref().map(|(n, _)| n.clone()).unwrap_or_default();
+            for name in ready_after(&args.wal_dir, &after, parallel - in_flight.len()) {
+                let prev = WalSegmentName::parse(&name, seg_size).and_then(|s| s.prev()).map(|p| p.to_string());
+                let link = match (&last, prev) {
+                    (Some((n, link)), Some(p)) if *n == p => link.clone(),
+                    (_, Some(p)) => Link::Known(marker_link(&markers, &p)),
+                    _ => Link::Known(None),
+                };
+                if let Some(m) = read_marker(&markers, &name) {
+                    // Stored already (by a call, or by this pusher earlier).
+                    last = Some((name, Link::Known(Some(m.plain))));
+                    continue;
+                }
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                last = Some((name.clone(), Link::Pending(rx.shared())));
+                in_flight.push(push_one(archive.clone(), args.wal_dir.join(&name), name, link, tx, expected));
+            }
+        }
+        if in_flight.is_empty() {
+            if idle_since.elapsed() > PUSHER_IDLE_EXIT {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        }
+        let done = tokio::select! {
+            Some(done) = in_flight.next() => Some(done),
+            _ = tokio::time::sleep(Duration::from_millis(20)) => None,
+        };
+        idle_since = Instant::now();
+        match done {
+            Some((name, Ok((_, plain)))) => {
+                crate::crashpoint::crash_point("archive_push.pusher_stored");
+                write_marker(&markers, &name, &plain, true);
+                stored += 1;
+            }
+            Some((name, Err(e))) => {
+                tracing::warn!("the background pusher could not store {name} (archive-push will try it itself): {e}");
+                let _ = std::fs::write(failed_path(&markers, &name), format!("{e}\n"));
+                failed += 1;
+            }
+            None => {}
+        }
+    }
+    tracing::info!(stored, failed, "background pusher done: nothing more is ready");
+    Ok(0)
+}
+
+/// Reads, checks, seals and stores one segment for the pusher; hands its
+/// plaintext checksum to the next segment's task as soon as it is sealed.
+async fn push_one(
+    archive: Arc<WalArchive>,
+    path: PathBuf,
+    name: String,
+    prev: Link,
+    sealed_tx: tokio::sync::oneshot::Sender<String>,
+    expected: ExpectedWal,
+) -> (String, Result<(PushOutcome, String)>) {
+    let result = async {
+        let data = tokio::fs::read(&path).await.with_context(|| format!("cannot read {}", path.display()))?;
+        check_file(&name, WalFileKind::Segment, &data, &expected)?;
+        let sealed = archive.seal(&name, Bytes::from(data)).await?;
+        let plain = sealed.summary.plain_hash.to_hex().to_string();
+        let _ = sealed_tx.send(plain.clone());
+        let link = match prev {
+            Link::Known(l) => l,
+            // A predecessor that failed drops its sender: no link from it.
+            Link::Pending(rx) => rx.await.ok(),
+        };
+        let link = match link {
+            Some(l) => Some(l),
+            None => archive.chain_link(&name).await.unwrap_or(None),
+        };
+        let outcome = archive.store_sealed(&sealed, link, "archive-push").await?;
+        Ok::<_, Error>((outcome, plain))
+    }
+    .await;
+    (name, result)
 }

@@ -138,7 +138,7 @@ async fn backup_locked(
         let bb = BaseBackupOptions {
             label: label.clone(),
             fast_checkpoint: ctx.config.backup.checkpoint == Checkpoint::Fast,
-            max_rate_kb: (ctx.config.backup.max_rate > 0).then(|| (ctx.config.backup.max_rate / 1024) as u32),
+            max_rate_kb: (ctx.config.backup.max_rate > 0).then_some((ctx.config.backup.max_rate / 1024) as u32),
         };
         let streamed = tokio::select! {
             r = stream_backup(&mut conn, &bb, settings, &spool, lock) => r?,

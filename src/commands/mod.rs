@@ -184,6 +184,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
         Command::ArchivePush(args) => archive_push::run(ctx(), &args).await,
         Command::ArchiveGet(args) => archive_get::run(ctx(), &args).await,
         Command::ArchiveGetPrefetch(args) => archive_get::prefetch_worker(ctx(), &args).await,
+        Command::ArchivePushPusher(args) => archive_push::pusher(ctx(), &args).await,
         Command::Daemon => unreachable!("handled above"),
     }
 }
