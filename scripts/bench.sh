@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Benchmarks walvault against pgBackRest (Debian's package) in one run, on the
-# same pgbench database, repositories on local disk:
+# Benchmarks walvault against pgBackRest and Barman (Debian's packages) in one
+# run, on the same pgbench database, repositories on local disk:
 #   backup   full backup: wall time, CPU time, peak RSS, repository size
+#            (Barman: backup_method postgres, i.e. pg_basebackup, zstd 3 on the client)
 #   restore  rebuild the data directory (no replay): wall, CPU, peak RSS
 #   replay   recovery over N WAL segments fetched by restore_command
-#            (walvault archive-get with prefetch vs pgbackrest archive-get, async)
+#            (walvault archive-get with prefetch vs pgbackrest archive-get, async;
+#            Barman is not measured here)
 #   wal      archive-push latency and backlog rate (scripts/bench-wal.sh)
 #   verify   walvault verify MB/s next to `cat` of the same files
 #
@@ -12,7 +14,7 @@
 #
 # Defaults: pgbench scale 100 (about 1.5 GB), 200 WAL segments, everything.
 # Results go to stdout and bench-results/ (as a Markdown table). WV_LEVEL sets
-# walvault's zstd level (default 3, pgBackRest's is 3 too).
+# walvault's zstd level (default 3, pgBackRest's and Barman's are 3 too).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -37,6 +39,7 @@ PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 missing=()
 command -v pgbackrest >/dev/null || missing+=(pgbackrest)
+command -v barman >/dev/null || missing+=(barman)
 [ -x /usr/bin/time ] || missing+=(time)
 [ -x "$PGBIN/postgres" ] || missing+=(postgresql-15)
 if [ ${#missing[@]} -gt 0 ]; then
@@ -104,6 +107,34 @@ mkdir -p $W/pgbr-repo $W/pgbr-spool $W/pgbr-log $W/pgbr-lock $W/wv-spool
 chown -R postgres $W
 BR="pgbackrest --config=$W/pgbackrest.conf --stanza=bench"
 
+# --- Barman ------------------------------------------------------------------
+# pg_basebackup with client-side zstd 3 into tar files; WAL by pg_receivewal
+# on a slot (streaming_archiver), as Barman's documentation recommends.
+mkdir -p $W/bm-home $W/bm-staging
+chown barman $W/bm-home $W/bm-staging
+cat > $W/barman.conf <<EOF
+[barman]
+barman_user = barman
+barman_home = $W/bm-home
+log_file = $W/bm-home/barman.log
+log_level = WARNING
+[bench]
+description = walvault benchmark
+conninfo = host=$W port=$PORT user=postgres dbname=postgres
+streaming_conninfo = host=$W port=$PORT user=postgres
+backup_method = postgres
+streaming_archiver = on
+slot_name = barman
+create_slot = auto
+backup_compression = zstd
+backup_compression_format = tar
+backup_compression_level = 3
+path_prefix = $PGBIN
+recovery_staging_path = $W/bm-staging
+EOF
+chmod 644 $W/barman.conf
+BM="runuser -u barman -- barman -c $W/barman.conf"
+
 say "creating a PostgreSQL 15 cluster with pgbench scale $SCALE"
 PG "$PGBIN/initdb" -k -A trust -U postgres -D $W/pg >/dev/null
 cat >> $W/pg/postgresql.conf <<EOF
@@ -121,6 +152,9 @@ PG $BR stanza-create >/dev/null
 PG "$PGBIN/pgbench" -h $W -p $PORT -U postgres -i -s "$SCALE" -q postgres 2>&1 | tail -1 >&2
 PSQL "checkpoint" >/dev/null
 DBSIZE=$(PSQL "select pg_database_size('postgres')")
+# Barman's WAL: its cron starts pg_receivewal; a switch proves it arrives.
+$BM cron >/dev/null 2>&1
+$BM switch-wal --force --archive --archive-timeout 120 bench >/dev/null 2>&1 || echo "Barman's WAL streaming did not start; its figures will be missing" >&2
 
 # `measure NAME CMD...`: wall seconds, CPU seconds (user+sys), peak RSS (KiB) into $W/m-NAME.
 measure() {
@@ -140,24 +174,30 @@ if want backup; then
   measure wv-backup runuser -u postgres -- $W/walvault --config $W/walvault.toml backup
   say "backup: pgBackRest (zstd 3, process-max 2)"
   measure br-backup runuser -u postgres -- $BR --type=full backup
+  say "backup: Barman (pg_basebackup, zstd 3)"
+  measure bm-backup $BM backup --wait bench || echo "0 0 0" > $W/m-bm-backup
   WV_SIZE=$(du -sb $W/wv-repo/packs $W/wv-repo/backups | awk '{s+=$1} END {print s}')
   BR_SIZE=$(du -sb $W/pgbr-repo/backup | awk '{print $1}')
-  row "backup wall s | $(col wv-backup 1) | $(col br-backup 1) | $(ratio "$(col br-backup 1)" "$(col wv-backup 1)")x faster"
-  row "backup CPU s | $(col wv-backup 2) | $(col br-backup 2) | $(ratio "$(col br-backup 2)" "$(col wv-backup 2)")x less"
-  row "backup peak RSS MiB | $(echo "scale=1; $(col wv-backup 3)/1024" | bc) | $(echo "scale=1; $(col br-backup 3)/1024" | bc) | "
-  row "repository size MiB | $(mib "$WV_SIZE") | $(mib "$BR_SIZE") | $(ratio "$BR_SIZE" "$WV_SIZE")x smaller"
+  BM_SIZE=$(du -sb $W/bm-home/bench/base | awk '{print $1}')
+  row "backup wall s | $(col wv-backup 1) | $(col br-backup 1) | $(col bm-backup 1) | $(ratio "$(col br-backup 1)" "$(col wv-backup 1)")x faster | $(ratio "$(col bm-backup 1)" "$(col wv-backup 1)")x faster"
+  row "backup CPU s | $(col wv-backup 2) | $(col br-backup 2) | $(col bm-backup 2) | $(ratio "$(col br-backup 2)" "$(col wv-backup 2)")x less | $(ratio "$(col bm-backup 2)" "$(col wv-backup 2)")x less"
+  row "backup peak RSS MiB | $(echo "scale=1; $(col wv-backup 3)/1024" | bc) | $(echo "scale=1; $(col br-backup 3)/1024" | bc) | $(echo "scale=1; $(col bm-backup 3)/1024" | bc) | | "
+  row "repository size MiB | $(mib "$WV_SIZE") | $(mib "$BR_SIZE") | $(mib "$BM_SIZE") | $(ratio "$BR_SIZE" "$WV_SIZE")x smaller | $(ratio "$BM_SIZE" "$WV_SIZE")x smaller"
 fi
 
 if want restore; then
   for tool in wv br; do mkdir -p $W/r-$tool; chown postgres $W/r-$tool; done
+  mkdir -p $W/r-bm; chown barman $W/r-bm
   say "restore: walvault"
   measure wv-restore runuser -u postgres -- $W/walvault --config $W/walvault.toml restore --pgdata $W/r-wv/data --target-immediate
   say "restore: pgBackRest (process-max 2)"
   measure br-restore runuser -u postgres -- $BR --pg1-path=$W/r-br/data --type=immediate restore
-  row "restore wall s | $(col wv-restore 1) | $(col br-restore 1) | $(ratio "$(col br-restore 1)" "$(col wv-restore 1)")x faster"
-  row "restore CPU s | $(col wv-restore 2) | $(col br-restore 2) | $(ratio "$(col br-restore 2)" "$(col wv-restore 2)")x less"
-  row "restore peak RSS MiB | $(echo "scale=1; $(col wv-restore 3)/1024" | bc) | $(echo "scale=1; $(col br-restore 3)/1024" | bc) | "
-  rm -rf $W/r-wv $W/r-br
+  say "restore: Barman (recover, local)"
+  measure bm-restore $BM recover --target-immediate bench latest $W/r-bm/data || echo "0 0 0" > $W/m-bm-restore
+  row "restore wall s | $(col wv-restore 1) | $(col br-restore 1) | $(col bm-restore 1) | $(ratio "$(col br-restore 1)" "$(col wv-restore 1)")x faster | $(ratio "$(col bm-restore 1)" "$(col wv-restore 1)")x faster"
+  row "restore CPU s | $(col wv-restore 2) | $(col br-restore 2) | $(col bm-restore 2) | $(ratio "$(col br-restore 2)" "$(col wv-restore 2)")x less | $(ratio "$(col bm-restore 2)" "$(col wv-restore 2)")x less"
+  row "restore peak RSS MiB | $(echo "scale=1; $(col wv-restore 3)/1024" | bc) | $(echo "scale=1; $(col br-restore 3)/1024" | bc) | $(echo "scale=1; $(col bm-restore 3)/1024" | bc) | | "
+  rm -rf $W/r-wv $W/r-br $W/r-bm
 fi
 
 if want replay; then
@@ -202,7 +242,7 @@ EOF
   say "replay: pgbackrest archive-get (async)"
   measure br-replay bash -c "replay $W/rp-br/data 55434"
   SEGS=$(grep -c 'restored log file' $W/rp-wv/data.log || true)
-  row "replay of $SEGS segments s | $(col wv-replay 1) | $(col br-replay 1) | $(ratio "$(col br-replay 1)" "$(col wv-replay 1)")x faster"
+  row "replay of $SEGS segments s | $(col wv-replay 1) | $(col br-replay 1) | | $(ratio "$(col br-replay 1)" "$(col wv-replay 1)")x faster | "
 fi
 
 if want verify; then
@@ -212,7 +252,7 @@ if want verify; then
   sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
   measure cat-repo bash -c "find $W/wv-repo -type f -print0 | xargs -0 cat > /dev/null"
   BYTES=$(du -sb $W/wv-repo | awk '{print $1}')
-  row "verify MB/s (walvault / cat) | $(echo "scale=0; $BYTES / 1000000 / $(col wv-verify 1)" | bc) | $(echo "scale=0; $BYTES / 1000000 / $(col cat-repo 1)" | bc) | "
+  row "verify MB/s (walvault / cat) | $(echo "scale=0; $BYTES / 1000000 / $(col wv-verify 1)" | bc) | $(echo "scale=0; $BYTES / 1000000 / $(col cat-repo 1)" | bc) | | | "
 fi
 
 if want wal && [ -x scripts/bench-wal.sh ]; then
@@ -220,14 +260,15 @@ if want wal && [ -x scripts/bench-wal.sh ]; then
   scripts/bench-wal.sh || echo "bench-wal.sh failed" >&2
 fi
 
+$BM receive-wal --stop bench >/dev/null 2>&1 || true
 PG "$PGBIN/pg_ctl" -D $W/pg -m fast -w stop >/dev/null || true
 mkdir -p bench-results
 OUT="bench-results/bench-$(date -u +%Y%m%dT%H%M%SZ).md"
 {
-  echo "# walvault vs pgBackRest $(pgbackrest version | awk '{print $2}'), PostgreSQL 15, pgbench scale $SCALE ($(mib "$DBSIZE") MiB), $(nproc) cores"
+  echo "# walvault vs pgBackRest $(pgbackrest version | awk '{print $2}') and Barman $(barman --version 2>&1 | awk '{print $1; exit}'), PostgreSQL 15, pgbench scale $SCALE ($(mib "$DBSIZE") MiB), $(nproc) cores"
   echo
-  echo "| measure | walvault | pgBackRest | ratio |"
-  echo "|---|---|---|---|"
+  echo "| measure | walvault | pgBackRest | Barman | vs pgBackRest | vs Barman |"
+  echo "|---|---|---|---|---|---|"
   for r in "${RESULTS[@]}"; do echo "| $r |"; done
 } | tee "$OUT"
 [ "$KEEP" = 1 ] || rm -rf $W

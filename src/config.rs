@@ -98,7 +98,13 @@ pub const KEYS: &[KeySpec] = &[
     key!("wal", "partial_interval", Duration, "5s", "how often the streamer uploads the segment in progress (bounds data loss)"),
     key!("wal", "synchronous", Bool, "false", "report WAL flushed only once it is in the repository (for synchronous_standby_names)"),
     key!("wal", "status_interval", Duration, "10s", "standby status update interval"),
-    key!("wal", "push_parallel", Int, "4", "segments archive-push ships at once when PostgreSQL has a backlog"),
+    key!(
+        "wal",
+        "push_parallel",
+        Int,
+        "4",
+        "segments archive-push ships at once when PostgreSQL has a backlog (its background pusher; 1: one segment per call, no pusher)"
+    ),
     key!("wal", "prefetch", Int, "8", "segments archive-get fetches ahead into the spool during recovery"),
     key!(
         "wal",

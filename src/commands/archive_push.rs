@@ -467,7 +467,7 @@ enum Link {
 }
 
 /// The background pusher: stores the ready segments of `wal_dir` in order,
-/// `archive_parallelism()` at a time (as one is stored the next starts), each
+/// `wal.push_parallel` at a time (as one is stored the next starts), each
 /// linked to its predecessor, and writes a marker for each one stored. Exits
 /// when nothing has been ready for PUSHER_IDLE_EXIT, or at once if another
 /// pusher holds the lock.
@@ -481,7 +481,7 @@ pub async fn pusher(ctx: &Ctx, args: &PusherArgs) -> Result<i32> {
     let archive = Arc::new(ctx.wal_writer(store).await?);
     let expected = archive.expected_wal();
     let seg_size = archive.seg_size();
-    let parallel = archive_parallelism();
+    let parallel = ctx.config.wal.push_parallel.max(1);
     let mut in_flight = FuturesUnordered::new();
     let mut last: Option<(String, Link)> = None;
     let mut idle_since = Instant::now();
