@@ -13,9 +13,8 @@
 //! | `backup.manifest_written` | `manifest.json` is stored, the lock not yet released |
 //! | `stream.segment_stored` | a streamed segment is stored, its streaming copy not yet removed |
 //! | `stream.before_status` | a segment upload finished, the flush position not yet advanced or reported |
-//! | `archive_push.stored` | archive-push stored its batch, markers not written, exit not yet reached |
+//! | `archive_push.stored` | archive-push stored its batch (or the background pusher a segment), markers not written, exit not yet reached |
 //! | `archive_push.before_exit` | everything done, about to exit 0 |
-//! | `archive_push.pusher_stored` | the background pusher stored a segment, its marker not yet written |
 //! | `expire.mid_delete` | between two delete batches of retention (after the manifests) |
 //! | `restore.mid_write` | a restore has written part of a file |
 //! | `archive_get.prefetch` | the prefetch worker stored a segment in its spool |

@@ -162,6 +162,20 @@ fn push_wrapper(env: &Env) -> std::path::PathBuf {
     script
 }
 
+/// Whether archive-push's background pusher for this environment's
+/// configuration runs (other tests' pushers have other configurations).
+fn pusher_of(env: &Env) -> bool {
+    let config = env.config.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc").into_iter().flatten().flatten().any(|p| {
+        std::fs::read(p.path().join("cmdline"))
+            .map(|c| {
+                let c = String::from_utf8_lossy(&c).replace('\0', " ");
+                c.contains("archive-push-pusher") && c.contains(&config)
+            })
+            .unwrap_or(false)
+    })
+}
+
 fn crash_lines(env: &Env, line: &str) -> usize {
     std::fs::read_to_string(env.dir.join("push.log")).unwrap_or_default().matches(line).count()
 }
@@ -183,6 +197,11 @@ fn archive_push_killed_at_every_point_loses_nothing() {
         let mut counted = true;
         match kill {
             Kill::At(point, n) => {
+                // A background pusher left from a backlog before would store the
+                // next segment itself, in a process without the kill point.
+                wait_for("the background pusher to exit", Duration::from_secs(30), || {
+                    if pusher_of(&env) { Err("still running".into()) } else { Ok(()) }
+                });
                 std::fs::write(env.dir.join("crash_at"), format!("{point}:{n}")).unwrap();
                 chown_tree(&env.dir.join("crash_at"));
                 switch_wal(&pg);

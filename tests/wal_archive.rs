@@ -236,7 +236,10 @@ fn backlog_is_pushed_ahead_and_never_acknowledged_early() {
     let stored_itself = log.matches("; storing it here").count();
     eprintln!("{by_pusher} segments stored by the background pusher, {pusher_failed} failed there and were stored by the call itself");
     assert!(by_pusher >= 8, "the backlog was not stored by the background pusher:\n{log}");
-    assert!(pusher_failed >= 1 && stored_itself >= pusher_failed, "the injected failures did not hit the pusher, or the calls did not take over:\n{log}");
+    assert!(
+        pusher_failed >= 1 && stored_itself >= pusher_failed,
+        "the injected failures did not hit the pusher, or the calls did not take over:\n{log}"
+    );
 }
 
 /// The background pusher killed (like kill -9) between storing a segment and
@@ -244,9 +247,9 @@ fn backlog_is_pushed_ahead_and_never_acknowledged_early() {
 /// nothing is acknowledged before it is stored or lost.
 #[test]
 fn a_pusher_killed_mid_backlog_loses_nothing() {
-    let run = archive_a_backlog(("WALVAULT_TEST_CRASH_AT", "archive_push.pusher_stored:3"));
+    let run = archive_a_backlog(("WALVAULT_TEST_CRASH_AT", "archive_push.stored:3"));
     run.assert_nothing_acknowledged_early();
-    let kills = run.log.matches("test crash point archive_push.pusher_stored reached").count();
+    let kills = run.log.matches("test crash point archive_push.stored reached").count();
     eprintln!("the pusher was killed {kills} times");
     assert!(kills >= 1, "the pusher never reached its kill point:\n{}", run.log);
 }

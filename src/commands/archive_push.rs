@@ -376,7 +376,7 @@ const PUSHER_WAIT: Duration = Duration::from_secs(60);
 /// How long a just-started pusher has to take its lock.
 const PUSHER_START: Duration = Duration::from_secs(5);
 /// The pusher exits after this long with nothing ready to store.
-const PUSHER_IDLE_EXIT: Duration = Duration::from_secs(2);
+const PUSHER_IDLE_EXIT: Duration = Duration::from_secs(1);
 const PUSHER_LOCK: &str = "pusher.lock";
 
 /// Marks a segment the pusher could not store, so the call waiting for it
@@ -520,7 +520,7 @@ pub async fn pusher(ctx: &Ctx, args: &PusherArgs) -> Result<i32> {
         idle_since = Instant::now();
         match done {
             Some((name, Ok((_, plain)))) => {
-                crate::crashpoint::crash_point("archive_push.pusher_stored");
+                crate::crashpoint::crash_point("archive_push.stored");
                 write_marker(&markers, &name, &plain, true);
                 stored += 1;
             }
