@@ -30,6 +30,7 @@ missing=()
 [ -x /usr/lib/postgresql/15/bin/postgres ] || missing+=(postgresql-15)
 command -v openssl >/dev/null || missing+=(openssl)
 command -v pip3 >/dev/null || missing+=(python3-pip)
+python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
 if [ ${#missing[@]} -gt 0 ]; then
   say "installing ${missing[*]}"
   as_root apt-get update -qq
@@ -47,6 +48,17 @@ if [ ! -x "$WEED" ]; then
 fi
 [ -x "$WEED" ] || { echo "SeaweedFS did not install to $WEED" >&2; exit 1; }
 export WALVAULT_TEST_WEED="$WEED"
+
+# A second S3 implementation, one that evaluates IAM policies (tests/s3_least_privilege.rs).
+MOTO="$ROOT/.cache/moto/bin/moto_server"
+if [ ! -x "$MOTO" ]; then
+  say "installing moto (PyPI moto[server]) for the S3 policy test"
+  rm -rf "$ROOT/.cache/moto"
+  python3 -m venv "$ROOT/.cache/moto"
+  "$ROOT/.cache/moto/bin/pip" install --quiet --disable-pip-version-check 'moto[server]==5.2.5'
+fi
+[ -x "$MOTO" ] || { echo "moto did not install to $MOTO" >&2; exit 1; }
+export WALVAULT_TEST_MOTO="$MOTO"
 
 # --- PostgreSQL versions ----------------------------------------------------
 say "PostgreSQL binaries for $extra_versions (scripts/pg-versions.sh, cached)"

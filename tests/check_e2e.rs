@@ -141,7 +141,7 @@ fn check_fails_on_an_unwritable_store() {
     assert!(writable[0].starts_with(&expected), "{report}");
     assert_eq!(
         writable[1],
-        "      fix: check the repository credentials and permissions (file mode, or the S3 policy: put/get/list, and delete for expire)"
+        "      fix: check the repository credentials and permissions (file mode, or the S3 policy: put/get/list, delete on locks/, probe/ and wal/*.streaming, and everywhere for expire; see README, Object stores)"
     );
     assert_eq!(line(&report, "WAL delivery"), vec!["skip  WAL delivery: the repository is not writable"]);
     // The rest still ran.

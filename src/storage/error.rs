@@ -75,7 +75,7 @@ impl StorageError {
         Some(match self.kind {
             StorageErrorKind::NotFound => "the object is missing from the repository; run `walvault verify` to see what else is",
             StorageErrorKind::PermissionDenied => {
-                "check the repository credentials and permissions (file mode, or the S3 policy: put/get/list, and delete for expire)"
+                "check the repository credentials and permissions (file mode, or the S3 policy: put/get/list, delete on locks/, probe/ and wal/*.streaming, and everywhere for expire; see README, Object stores)"
             }
             StorageErrorKind::Unreachable | StorageErrorKind::Transient => {
                 "check that the object store is reachable (repository.url, repository.endpoint, network, TLS); walvault retried before giving up"

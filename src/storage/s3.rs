@@ -246,6 +246,13 @@ impl ObjectStore for S3Store {
         for key in keys {
             validate_key(key)?;
         }
+        if let [key] = keys {
+            // One key: a plain DeleteObject. Stores without batch delete accept
+            // it, and an IAM policy granting s3:DeleteObject on a few key
+            // patterns (README, "Object stores") is evaluated per key there.
+            self.client.delete_object().bucket(&self.bucket).key(self.full(key)).send().await.map_err(|e| self.err("delete", key, e))?;
+            return Ok(());
+        }
         for batch in keys.chunks(DELETE_BATCH) {
             let objects = batch
                 .iter()
