@@ -164,9 +164,12 @@ struct BacklogRun {
     reference: CopyArchive,
 }
 
-fn archive_a_backlog(server_env: (&str, &str)) -> BacklogRun {
-    let pg = archiving(small_segments().server_env(server_env.0, server_env.1));
-    let env = Env::builder(&pg).set("wal.push_parallel", "4").build();
+fn archive_a_backlog(server_env: &[(&str, &str)], settings: &[(&str, &str)]) -> BacklogRun {
+    let pg = archiving(server_env.iter().fold(small_segments(), |o, (k, v)| o.server_env(k, v)));
+    let mut env = Env::builder(&pg).set("wal.push_parallel", "4").build();
+    for (k, v) in settings {
+        env.set(k, v);
+    }
     env.run_ok(&["init"]);
     let reference = CopyArchive::new(&env, "reference");
     let acks = env.dir.join("acks.log");
@@ -226,7 +229,7 @@ impl BacklogRun {
 #[test]
 fn backlog_is_pushed_ahead_and_never_acknowledged_early() {
     // Every fourth store of a WAL object fails (in each archive-push process).
-    let run = archive_a_backlog(("WALVAULT_TEST_FAULTS", "put_if_absent:4:enospc"));
+    let run = archive_a_backlog(&[("WALVAULT_TEST_FAULTS", "put_if_absent:4:enospc")], &[]);
     run.assert_nothing_acknowledged_early();
     let log = &run.log;
     // A call either waits for the pusher to store its segment, or finds it stored.
@@ -247,11 +250,24 @@ fn backlog_is_pushed_ahead_and_never_acknowledged_early() {
 /// nothing is acknowledged before it is stored or lost.
 #[test]
 fn a_pusher_killed_mid_backlog_loses_nothing() {
-    let run = archive_a_backlog(("WALVAULT_TEST_CRASH_AT", "archive_push.stored:3"));
+    let run = archive_a_backlog(&[("WALVAULT_TEST_CRASH_AT", "archive_push.stored:3")], &[]);
     run.assert_nothing_acknowledged_early();
     let kills = run.log.matches("test crash point archive_push.stored reached").count();
     eprintln!("the pusher was killed {kills} times");
     assert!(kills >= 1, "the pusher never reached its kill point:\n{}", run.log);
+}
+
+/// A spool walvault cannot write (no markers, no pusher lock): each call
+/// stores its segment itself, at once, rather than waiting for a pusher.
+#[test]
+fn a_backlog_with_an_unwritable_spool_is_archived_by_the_calls() {
+    let spool = tempfile::Builder::new().prefix("walvault-ro-spool-").tempdir_in("/tmp").unwrap();
+    std::fs::set_permissions(spool.path(), std::os::unix::fs::PermissionsExt::from_mode(0o555)).unwrap();
+    let started = std::time::Instant::now();
+    let run = archive_a_backlog(&[], &[("wal.spool_dir", &format!("\"{}\"", spool.path().display()))]);
+    run.assert_nothing_acknowledged_early();
+    assert!(run.log.contains("cannot hold the background pusher's lock"), "{}", run.log);
+    assert!(started.elapsed() < Duration::from_secs(50), "the calls waited for a pusher that cannot run: {:?}", started.elapsed());
 }
 
 #[test]

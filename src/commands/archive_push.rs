@@ -385,18 +385,28 @@ fn failed_path(dir: &Path, name: &str) -> PathBuf {
     dir.join(format!("{name}.failed"))
 }
 
-/// The pusher's lock, taken without waiting: None if a pusher holds it.
-/// The lock lasts as long as the returned file is open (it dies with the process).
-fn try_pusher_lock(dir: &Path) -> Option<std::fs::File> {
+/// The pusher's lock, taken without waiting. It lasts as long as the file
+/// is open (it dies with the process).
+enum PusherLock {
+    Taken(#[allow(dead_code)] std::fs::File),
+    /// A pusher holds it.
+    Busy,
+    /// The spool cannot hold it (not writable, say): no pusher can run.
+    Unavailable,
+}
+
+fn try_pusher_lock(dir: &Path) -> PusherLock {
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     let _ = std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir);
-    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).mode(0o600).open(dir.join(PUSHER_LOCK)).ok()?;
-    (unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0).then_some(file)
+    let Ok(file) = std::fs::OpenOptions::new().create(true).truncate(false).write(true).mode(0o600).open(dir.join(PUSHER_LOCK)) else {
+        return PusherLock::Unavailable;
+    };
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 { PusherLock::Taken(file) } else { PusherLock::Busy }
 }
 
 fn pusher_running(dir: &Path) -> bool {
-    try_pusher_lock(dir).is_none()
+    matches!(try_pusher_lock(dir), PusherLock::Busy)
 }
 
 /// Waits for the background pusher (started here if none runs) to store
@@ -414,7 +424,16 @@ async fn wait_for_pusher(ctx: &Ctx, markers: &Path, wal_dir: &Path, name: &str, 
             tracing::info!("the background pusher could not store {name}; storing it here");
             return false;
         }
-        if pusher_running(markers) {
+        // (A lock taken here is released at once: the pusher must get it.)
+        let busy = match try_pusher_lock(markers) {
+            PusherLock::Unavailable => {
+                tracing::warn!("the spool {} cannot hold the background pusher's lock; storing {name} here", markers.display());
+                return false;
+            }
+            PusherLock::Busy => true,
+            PusherLock::Taken(_) => false,
+        };
+        if busy {
             seen_running = true;
         } else if seen_running || spawned.is_some_and(|at| at.elapsed() > PUSHER_START) {
             // It ended (or died, or never got going) without this segment.
@@ -476,7 +495,7 @@ pub async fn pusher(ctx: &Ctx, args: &PusherArgs) -> Result<i32> {
     use futures::stream::FuturesUnordered;
 
     let markers = marker_dir(ctx);
-    let Some(_lock) = try_pusher_lock(&markers) else { return Ok(0) };
+    let PusherLock::Taken(_lock) = try_pusher_lock(&markers) else { return Ok(0) };
     let store = ctx.store().await?;
     let archive = Arc::new(ctx.wal_writer(store).await?);
     let expected = archive.expected_wal();
