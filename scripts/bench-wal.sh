@@ -66,6 +66,8 @@ cleanup() {
   done
   [ -n "${RECEIVER:-}" ] && kill "$RECEIVER" 2>/dev/null || true
   [ -n "${STREAMER:-}" ] && kill "$STREAMER" 2>/dev/null || true
+  # runuser does not pass SIGTERM on: stop what it started by name.
+  pkill -f "pg_receivewal -h $W " 2>/dev/null || true
   [ "${1:-}" = start ] || [ "$KEEP" = 0 ] && rm -rf $W $R
   return 0
 }
@@ -307,7 +309,7 @@ EOF
   RECEIVER=$!
   until [ "$(PSQL "select sync_state from pg_stat_replication where application_name = 'pg_receivewal'")" = sync ]; do sleep 0.2; done
   read -r rw_lat rw_tps < <(bench_tps)
-  kill $RECEIVER; wait $RECEIVER 2>/dev/null || true; RECEIVER=
+  kill $RECEIVER; pkill -f "pg_receivewal -h $W " 2>/dev/null || true; wait $RECEIVER 2>/dev/null || true; RECEIVER=
   PSQL "alter system reset synchronous_standby_names" >/dev/null
   PG "$PGBIN/pg_ctl" -D $W/pg -w stop -m fast >/dev/null
   SYNC_ROWS=(
