@@ -183,31 +183,8 @@ fn worker_alive(spool: &Path) -> bool {
 }
 
 fn spawn_worker(ctx: &Ctx, spool: &Path) -> std::io::Result<()> {
-    use std::os::unix::process::CommandExt;
-    let exe = std::env::current_exe()?;
-    let mut cmd = std::process::Command::new(exe);
-    if let Some(cfg) = &ctx.config.source {
-        cmd.arg("--config").arg(cfg);
-    }
-    for s in &ctx.overrides {
-        cmd.arg("--set").arg(s);
-    }
     let log = std::fs::OpenOptions::new().create(true).append(true).open(spool.join("prefetch.log"))?;
-    cmd.arg("archive-get-prefetch")
-        .arg("--spool")
-        .arg(spool)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(log);
-    // Detach from PostgreSQL's process group so the worker outlives this call.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::setsid();
-            Ok(())
-        });
-    }
-    cmd.spawn()?;
-    Ok(())
+    ctx.spawn_worker(&["archive-get-prefetch".as_ref(), "--spool".as_ref(), spool.as_os_str()], log.into())
 }
 
 /// The worker: keeps the segments after the one last asked for in the spool.

@@ -454,26 +454,9 @@ async fn wait_for_pusher(ctx: &Ctx, markers: &Path, wal_dir: &Path, name: &str, 
 }
 
 fn spawn_pusher(ctx: &Ctx, wal_dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::process::CommandExt;
     let wal_dir = std::fs::canonicalize(wal_dir)?;
-    let mut cmd = std::process::Command::new(std::env::current_exe()?);
-    if let Some(cfg) = &ctx.config.source {
-        cmd.arg("--config").arg(std::fs::canonicalize(cfg)?);
-    }
-    for s in &ctx.overrides {
-        cmd.arg("--set").arg(s);
-    }
     // Its log lines go where archive-push's go: PostgreSQL's log.
-    cmd.arg("archive-push-pusher").arg("--wal-dir").arg(wal_dir).stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null());
-    // Detached from the archiver's process group so it outlives this call.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::setsid();
-            Ok(())
-        });
-    }
-    cmd.spawn()?;
-    Ok(())
+    ctx.spawn_worker(&["archive-push-pusher".as_ref(), "--wal-dir".as_ref(), wal_dir.as_os_str()], std::process::Stdio::inherit())
 }
 
 /// Where the pusher gets a segment's chain link (its predecessor's plaintext

@@ -34,6 +34,31 @@ pub struct Ctx {
 }
 
 impl Ctx {
+    /// Starts `walvault ARGS` with this configuration (its file and the
+    /// `--set` flags), detached from the caller's session so that it outlives
+    /// the command that started it: the background workers of archive-push
+    /// and archive-get. Standard input and output are closed.
+    pub fn spawn_worker(&self, args: &[&std::ffi::OsStr], stderr: std::process::Stdio) -> std::io::Result<()> {
+        use std::os::unix::process::CommandExt;
+        let mut cmd = std::process::Command::new(std::env::current_exe()?);
+        if let Some(cfg) = &self.config.source {
+            cmd.arg("--config").arg(std::fs::canonicalize(cfg).unwrap_or_else(|_| cfg.clone()));
+        }
+        for s in &self.overrides {
+            cmd.arg("--set").arg(s);
+        }
+        cmd.args(args).stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(stderr);
+        // A session of its own: out of PostgreSQL's process group.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::setsid();
+                Ok(())
+            });
+        }
+        cmd.spawn()?;
+        Ok(())
+    }
+
     /// Opens the repository's store: the backend, fault injection when
     /// WALVAULT_TEST_FAULTS is set (tests only), and the retry wrapper.
     pub async fn store(&self) -> Result<Store> {
