@@ -11,7 +11,7 @@ use std::hint::black_box;
 use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use walvault::pipeline::{Expected, Opener, Sealer};
-use walvault::repo::chunk::{CHUNK_SIZE, ChunkId, PendingChunk, process_batch};
+use walvault::repo::chunk::{CHUNK_SIZE, ChunkId, CvKey, PendingChunk, process_batch};
 
 const SIZE: usize = 16 << 20;
 
@@ -106,7 +106,7 @@ fn bench(c: &mut Criterion) {
                             whole_file: false,
                         })
                         .collect();
-                    black_box(process_batch(chunks, &[9u8; 32], &known, &sealer).unwrap());
+                    black_box(process_batch(chunks, &CvKey::new(&[9u8; 32]), &known, &sealer).unwrap());
                 }
             })
         });

@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use common::env::{Env, stderr, stdout};
 use support::*;
+use walvault::repo::pack::index_from_body;
+use walvault::repo::signing::SignedDocument;
 
 /// The pack indexes in a file repository: (pack size, the backup that wrote it, pack id).
 fn pack_indexes(env: &Env) -> Vec<(u64, String, String)> {
@@ -18,14 +20,10 @@ fn pack_indexes(env: &Env) -> Vec<(u64, String, String)> {
         for f in std::fs::read_dir(dir.path()).into_iter().flatten().flatten() {
             let p = f.path();
             if p.extension().is_some_and(|e| e == "idx") {
-                let Ok(raw) = std::fs::read_to_string(&p) else { continue };
-                let Some(end) = raw.rfind("\nwalvault-signature") else { continue };
-                let v: serde_json::Value = serde_json::from_str(&raw[..end]).unwrap();
-                out.push((
-                    v["pack"]["size"].as_u64().unwrap(),
-                    v["backup"].as_str().unwrap().to_string(),
-                    v["pack"]["id"].as_str().unwrap().to_string(),
-                ));
+                let Ok(raw) = std::fs::read(&p) else { continue };
+                let Ok(doc) = SignedDocument::parse(&raw, "index") else { continue };
+                let idx = index_from_body(doc.body, "index").unwrap();
+                out.push((idx.pack.size, idx.backup, idx.pack.id));
             }
         }
     }

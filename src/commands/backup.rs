@@ -127,7 +127,7 @@ async fn backup_locked(
             store: store.clone(),
             key: key.clone(),
             sealer: sealer.clone(),
-            chunk_key: key.chunk_id_key(),
+            chunk_key: crate::repo::chunk::CvKey::new(&key.chunk_id_key()),
             known,
             backup_id: backup_id.clone(),
             spool: spool.clone(),

@@ -27,6 +27,7 @@ use crate::repo::{Descriptor, PublicKey, SigningKey};
 use crate::storage::{self, Store, StoreUrl};
 
 /// What every command gets: the configuration and ways to open what it needs.
+#[derive(Clone)]
 pub struct Ctx {
     pub config: Config,
     /// The `--set` flags, passed on to helper processes.
@@ -173,6 +174,24 @@ pub async fn open_store(config: &Config) -> Result<Store> {
     Ok(Arc::new(storage::retry::RetryStore::new(backend, policy)))
 }
 
+/// Runs a command as a task on the runtime's worker threads rather than on
+/// the thread that waits for it. A task woken by a socket then runs on the
+/// worker that saw the event, at once; a future run by `block_on` needs that
+/// worker to wake the main thread first, a hand-off per read. For backup that
+/// hand-off kept PostgreSQL's sender and the receiver waiting on each other:
+/// 15% of the wall time and a third of the system time.
+async fn on_workers<F, Fut>(ctx: Ctx, command: F) -> Result<i32>
+where
+    F: FnOnce(Ctx) -> Fut,
+    Fut: std::future::Future<Output = Result<i32>> + Send + 'static,
+{
+    match tokio::spawn(command(ctx)).await {
+        Ok(result) => result,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => Err(Error::failed(format!("the command's task was cancelled: {e}"))),
+    }
+}
+
 /// Runs the parsed command line; returns the exit code.
 pub async fn run(cli: Cli) -> Result<i32> {
     let ctx = if cli.command.needs_config() {
@@ -182,7 +201,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
         None
     };
     if let Command::Daemon = cli.command {
-        return daemon::run(ctx.expect("config loaded for the daemon")).await;
+        return on_workers(ctx.expect("config loaded for the daemon"), daemon::run).await;
     }
     let ctx = || ctx.as_ref().expect("config loaded for this command");
     match cli.command {
@@ -198,14 +217,14 @@ pub async fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Command::Init => init::run(ctx()).await,
-        Command::Backup(args) => backup::run(ctx(), &args).await,
+        Command::Backup(args) => on_workers(ctx().clone(), move |ctx| async move { backup::run(&ctx, &args).await }).await,
         Command::Restore(args) => restore::run(ctx(), &args).await,
         Command::Materialize(args) => materialize::run(ctx(), &args).await,
         Command::Expire(args) => expire::run(ctx(), &args).await,
         Command::Verify(args) => verify::run(ctx(), &args).await,
         Command::Check(args) => check::run(ctx(), &args).await,
         Command::Info(args) => info::run(ctx(), &args).await,
-        Command::Stream(args) => stream::run(ctx(), &args).await,
+        Command::Stream(args) => on_workers(ctx().clone(), move |ctx| async move { stream::run(&ctx, &args).await }).await,
         Command::ArchivePush(args) => archive_push::run(ctx(), &args).await,
         Command::ArchiveGet(args) => archive_get::run(ctx(), &args).await,
         Command::ArchiveGetPrefetch(args) => archive_get::prefetch_worker(ctx(), &args).await,

@@ -20,7 +20,7 @@ use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 
-use super::chunk::{BATCH_BYTES, BatchResult, CHUNK_SIZE, ChunkClaims, ChunkId, FileHasher, PendingChunk, process_claimed_batch};
+use super::chunk::{BATCH_BYTES, BatchResult, CHUNK_SIZE, ChunkClaims, ChunkId, CvKey, FileHasher, PendingChunk, process_claimed_batch};
 use super::manifest::{BackupStats, BlobRun, FileEntry, FileKind, FilesHeader, FilesWriter};
 use super::pack::{ChunkIndex, PackIndex, PackInfo, PackWriter, upload_pack};
 use super::{RepoError, SigningKey};
@@ -37,7 +37,7 @@ pub struct WriterSettings {
     pub store: Store,
     pub key: Arc<SigningKey>,
     pub sealer: Sealer,
-    pub chunk_key: [u8; 32],
+    pub chunk_key: CvKey,
     pub known: Arc<ChunkIndex>,
     pub backup_id: String,
     pub spool: PathBuf,
@@ -56,6 +56,7 @@ struct NewChunk {
     frame_offset: u32,
     frame_len: u32,
     raw_len: u32,
+    solid: bool,
 }
 
 /// A file between its tar header and its last chunk result.
@@ -256,6 +257,7 @@ impl BackupWriter {
                         frame_offset: frame.offset,
                         frame_len: frame.len,
                         raw_len: chunk.raw_len,
+                        solid: true,
                     };
                     self.pack.as_mut().expect("pack open").0.add_chunk(&chunk.id, *blob_no, frame, chunk.raw_len);
                     self.new_chunks.insert(chunk.id, loc.clone());
@@ -277,6 +279,7 @@ impl BackupWriter {
                         frame_offset: loc.frame.offset,
                         frame_len: loc.frame.len,
                         raw_len: loc.raw_len,
+                        solid: blob.solid,
                     }
                 }
             };
@@ -295,6 +298,7 @@ impl BackupWriter {
                     l: loc.blob_len,
                     h: loc.blob_hash.to_hex().to_string(),
                     c: vec![c],
+                    s: loc.solid,
                 }),
             }
         }

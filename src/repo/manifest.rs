@@ -19,7 +19,9 @@ use crate::pg::Lsn;
 use crate::pg::tar::EntryKind;
 
 pub const MANIFEST_KIND: &str = "manifest";
-pub const FORMAT_VERSION: u32 = 1;
+/// 2: chunk identifiers from chaining values (see `chunk::ChunkIds`); new
+/// blobs are solid (a run may still name a blob of format 1).
+pub const FORMAT_VERSION: u32 = 2;
 
 /// A sealed object named by a manifest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -104,6 +106,12 @@ impl BackupManifest {
                 message: format!("the manifest is for backup {}, not {backup_id}", m.backup_id),
             });
         }
+        if m.format_version > FORMAT_VERSION {
+            return Err(RepoError::Invalid(format!(
+                "backup {backup_id} was written by a newer walvault (manifest format {}, this walvault reads up to {FORMAT_VERSION}); upgrade walvault",
+                m.format_version
+            )));
+        }
         Ok(m)
     }
 }
@@ -136,6 +144,10 @@ pub struct BlobRun {
     pub h: String,
     /// (frame offset, frame length, raw length, chunk id) in file order.
     pub c: Vec<(u32, u32, u32, String)>,
+    /// The blob is solid: the frame is the chunk's place in its decompressed
+    /// bytes (see `chunk::Frame`). Absent for blobs of format 1.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub s: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

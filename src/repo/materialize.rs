@@ -3,7 +3,8 @@
 //! written in parallel: blobs are read with ranged gets (adjacent blobs of a
 //! pack in one request), checked against their signed checksum, decrypted, and
 //! every chunk is checked against its keyed identifier before it is written.
-//! Each file's blake3 is recomputed and compared. `global/pg_control` is written
+//! Each file's blake3 is recomputed (from the chunks' chaining values, the
+//! same pass that checks format-2 identifiers) and compared. `global/pg_control` is written
 //! last, so an interrupted restore never looks like a startable cluster.
 //!
 //! Tablespaces go to their original locations or where `tablespace_map` (the
@@ -19,7 +20,10 @@ use std::sync::Arc;
 use futures::StreamExt;
 use tokio::sync::Semaphore;
 
-use super::chunk::{CHUNK_SIZE, FileHasher, Frame, chunk_id, decompress_frame};
+use super::chunk::{
+    CHUNK_SIZE, ChunkIds, CvKey, FileHasher, Frame, chaining_value, content_chunk_id, cv_chunk_id, decompress_frame, decompress_solid,
+    solid_chunk,
+};
 use super::descriptor::LoadedDescriptor;
 use super::manifest::{BackupManifest, BlobRun, FileEntry, FileKind, FilesReader, open_files_list};
 use super::pack::decode_id;
@@ -69,6 +73,7 @@ struct Shared {
     store: Store,
     opener: Opener,
     chunk_key: [u8; 32],
+    chunk_ids: ChunkIds,
     packs: Vec<String>,
     ranges: Semaphore,
     owner: Option<(u32, u32)>,
@@ -169,6 +174,7 @@ pub async fn write(
         store: store.clone(),
         opener: opener.clone(),
         chunk_key,
+        chunk_ids: ChunkIds::for_manifest_format(manifest.format_version),
         packs: manifest.packs.iter().map(|p| p.id.clone()).collect(),
         ranges: Semaphore::new(RANGES_IN_FLIGHT),
         owner: opts.owner,
@@ -403,11 +409,14 @@ struct FetchGroup {
     start: u64,
     end: u64,
     raw: u64,
+    /// The file offset of the group's first chunk.
+    file_offset: u64,
     runs: Vec<BlobRun>,
 }
 
 fn fetch_groups(runs: &[BlobRun]) -> Vec<FetchGroup> {
     let mut out: Vec<FetchGroup> = Vec::new();
+    let mut file_offset = 0u64;
     for run in runs {
         let end = run.o + run.l as u64;
         let raw: u64 = run.c.iter().map(|c| c.2 as u64).sum();
@@ -422,15 +431,18 @@ fn fetch_groups(runs: &[BlobRun]) -> Vec<FetchGroup> {
                 g.raw += raw;
                 g.runs.push(run.clone());
             }
-            _ => out.push(FetchGroup { pack: run.p, start: run.o, end, raw, runs: vec![run.clone()] }),
+            _ => out.push(FetchGroup { pack: run.p, start: run.o, end, raw, file_offset, runs: vec![run.clone()] }),
         }
+        file_offset += raw;
     }
     out
 }
 
 /// The decoded chunks of one fetch group, with their chaining values.
 struct Decoded {
-    chunks: Vec<Vec<u8>>,
+    /// Slices of the decompressed blobs, not copies.
+    chunks: Vec<bytes::Bytes>,
+    cvs: Vec<[u8; 32]>,
 }
 
 async fn write_file(shared: &Arc<Shared>, path: &Path, entry: &FileEntry) -> Result<()> {
@@ -461,10 +473,9 @@ async fn write_file(shared: &Arc<Shared>, path: &Path, entry: &FileEntry) -> Res
     let mut decoded = futures::stream::iter(groups)
         .map(|g| {
             let shared = shared.clone();
-            tokio::spawn(async move { decode_group(&shared, g).await })
+            tokio::spawn(async move { decode_group(&shared, g, whole).await })
         })
         .buffered(2);
-    // Chaining values depend on the file offset, so they are computed here in order.
     while let Some(group) = decoded.next().await {
         let group = group.map_err(|e| Error::failed(format!("restoring {}: decoding task failed: {e}", entry.path)))?;
         let group = group.with_context(|| format!("restoring {}", entry.path))?;
@@ -473,22 +484,16 @@ async fn write_file(shared: &Arc<Shared>, path: &Path, entry: &FileEntry) -> Res
         // Not on the CPU pool: the decode futures buffered above may hold its
         // permits while this task waits, and waiting for a permit here would
         // deadlock once every permit is held by a future nobody polls.
-        let (next, cvs) = tokio::task::spawn_blocking(move || -> std::io::Result<(u64, Vec<[u8; 32]>)> {
+        let Decoded { chunks, cvs } = group;
+        let next = tokio::task::spawn_blocking(move || -> std::io::Result<u64> {
             let mut off = start;
-            let mut cvs = Vec::with_capacity(group.chunks.len());
-            for data in &group.chunks {
+            for data in &chunks {
                 if let Some(f) = file.as_ref() {
                     f.write_all_at(data, off)?;
                 }
-                cvs.push(if whole {
-                    *blake3::hash(data).as_bytes()
-                } else {
-                    use blake3::hazmat::HasherExt;
-                    blake3::Hasher::new().set_input_offset(off).update(data).finalize_non_root()
-                });
                 off += data.len() as u64;
             }
-            Ok((off, cvs))
+            Ok(off)
         })
         .await
         .map_err(|e| Error::failed(format!("writing {} stopped: {e}", path.display())))?
@@ -524,8 +529,9 @@ async fn write_file(shared: &Arc<Shared>, path: &Path, entry: &FileEntry) -> Res
 }
 
 /// Fetches a group's byte range, then checks, decrypts and decompresses each
-/// blob and checks every chunk against its identifier.
-async fn decode_group(shared: &Arc<Shared>, g: FetchGroup) -> Result<Decoded> {
+/// blob, computes every chunk's chaining value and checks the chunk against
+/// its identifier. `whole`: the file is one chunk.
+async fn decode_group(shared: &Arc<Shared>, g: FetchGroup, whole: bool) -> Result<Decoded> {
     let pack_id = shared
         .packs
         .get(g.pack as usize)
@@ -547,11 +553,14 @@ async fn decode_group(shared: &Arc<Shared>, g: FetchGroup) -> Result<Decoded> {
     if bytes.len() as u64 != g.end - g.start {
         return Err(RepoError::Integrity { object: key, message: "pack is shorter than the manifest says".into() }.into());
     }
-    let (opener, chunk_key) = (shared.opener.clone(), shared.chunk_key);
+    let (opener, chunk_key, chunk_ids) = (shared.opener.clone(), shared.chunk_key, shared.chunk_ids);
     cpu_pool()
         .run(move || {
+            let cv_key = CvKey::new(&chunk_key);
+            let mut file_offset = g.file_offset;
             let mut chunks = Vec::new();
-            let mut cache: Option<(u64, Vec<u8>)> = None;
+            let mut cvs = Vec::new();
+            let mut cache: Option<(u64, bytes::Bytes)> = None;
             for run in &g.runs {
                 let blob = &bytes[(run.o - g.start) as usize..(run.o - g.start + run.l as u64) as usize];
                 if cache.as_ref().is_none_or(|(o, _)| *o != run.o) {
@@ -565,26 +574,46 @@ async fn decode_group(shared: &Arc<Shared>, g: FetchGroup) -> Result<Decoded> {
                     let plain = opener
                         .decrypt(blob)
                         .map_err(|e| Error::from(RepoError::Integrity { object: key.clone(), message: e.to_string() }))?;
-                    cache = Some((run.o, plain));
+                    // A solid blob is decompressed once, for all its chunks.
+                    let plain = if run.s {
+                        decompress_solid(&plain).map_err(|e| {
+                            Error::from(RepoError::Integrity { object: key.clone(), message: format!("blob at offset {}: {e}", run.o) })
+                        })?
+                    } else {
+                        plain
+                    };
+                    cache = Some((run.o, bytes::Bytes::from(plain)));
                 }
                 let plain = &cache.as_ref().expect("cached").1;
                 for (frame_offset, frame_len, raw_len, id) in &run.c {
-                    let data =
-                        decompress_frame(plain, Frame { offset: *frame_offset, len: *frame_len }, *raw_len as usize).map_err(|e| {
-                            Error::from(RepoError::Integrity { object: key.clone(), message: format!("chunk at offset {}: {e}", run.o) })
-                        })?;
+                    let frame = Frame { offset: *frame_offset, len: *frame_len };
+                    let data = if run.s {
+                        solid_chunk(plain, frame, *raw_len as usize).map(|c| plain.slice_ref(c))
+                    } else {
+                        decompress_frame(plain, frame, *raw_len as usize).map(bytes::Bytes::from)
+                    }
+                    .map_err(|e| {
+                        Error::from(RepoError::Integrity { object: key.clone(), message: format!("chunk at offset {}: {e}", run.o) })
+                    })?;
                     let want = decode_id(id).ok_or_else(|| Error::failed(format!("bad chunk id '{id}' in the file list")))?;
-                    if chunk_id(&chunk_key, &data) != want {
+                    let cv = chaining_value(&data, file_offset, whole);
+                    let actual = match chunk_ids {
+                        ChunkIds::ChainingValue => cv_chunk_id(&cv_key, &cv),
+                        ChunkIds::Content => content_chunk_id(&chunk_key, &data),
+                    };
+                    if actual != want {
                         return Err(RepoError::Integrity {
                             object: key.clone(),
                             message: format!("a chunk in the blob at offset {} does not match its identifier {id}", run.o),
                         }
                         .into());
                     }
+                    file_offset += data.len() as u64;
                     chunks.push(data);
+                    cvs.push(cv);
                 }
             }
-            Ok(Decoded { chunks })
+            Ok(Decoded { chunks, cvs })
         })
         .await
 }
@@ -594,7 +623,7 @@ mod tests {
     use super::*;
 
     fn run(p: u32, o: u64, l: u32, raw_chunks: usize) -> BlobRun {
-        BlobRun { p, o, l, h: String::new(), c: (0..raw_chunks).map(|_| (0, 0, CHUNK_SIZE as u32, String::new())).collect() }
+        BlobRun { p, o, l, h: String::new(), c: (0..raw_chunks).map(|_| (0, 0, CHUNK_SIZE as u32, String::new())).collect(), s: true }
     }
 
     #[test]

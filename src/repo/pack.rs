@@ -42,6 +42,10 @@ pub struct PackIndex {
     pub blobs: Vec<(u64, u32, String)>,
     /// (chunk id, blob number, frame offset, frame length, raw length)
     pub chunks: Vec<(String, u32, u32, u32, u32)>,
+    /// Every blob is solid (one zstd frame for all its chunks; see `chunk`).
+    /// Absent in packs of format 1.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub solid: bool,
 }
 
 /// Where a blob is: in which pack (by number in the holder's pack table), at
@@ -52,6 +56,7 @@ pub struct BlobLoc {
     pub offset: u64,
     pub len: u32,
     pub hash: [u8; 32],
+    pub solid: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,7 +125,7 @@ impl ChunkIndex {
         let first_blob = self.blobs.len() as u32;
         for (offset, len, hash) in &idx.blobs {
             let hash = blake3::Hash::from_hex(hash).map_err(|_| bad("bad blob checksum"))?;
-            self.blobs.push(BlobLoc { pack, offset: *offset, len: *len, hash: *hash.as_bytes() });
+            self.blobs.push(BlobLoc { pack, offset: *offset, len: *len, hash: *hash.as_bytes(), solid: idx.solid });
         }
         for (id, blob, frame_off, frame_len, raw_len) in &idx.chunks {
             let id = decode_id(id).ok_or_else(|| bad("bad chunk id"))?;
@@ -143,9 +148,37 @@ impl ChunkIndex {
     }
 }
 
+/// The zstd frame magic: a compressed index body starts with it, a JSON one with `{`.
+const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
+/// An index body's decompressed size at most (a 32 MiB pack of 64 KiB chunks
+/// lists about 500 of them in some 60 KiB; this allows 1 GiB packs of 4 KiB).
+const INDEX_MAX: usize = 64 << 20;
+
 pub fn parse_index(raw: &[u8], trusted: &PublicKey, key: &str) -> Result<PackIndex, RepoError> {
-    let body = open_document(raw, INDEX_KIND, trusted, key)?;
-    serde_json::from_slice(body).map_err(|e| RepoError::Integrity { object: key.into(), message: format!("unreadable pack index: {e}") })
+    index_from_body(open_document(raw, INDEX_KIND, trusted, key)?, key)
+}
+
+/// Reads an index's body (its signature already checked): zstd-compressed
+/// JSON, or plain JSON as written before.
+pub fn index_from_body(body: &[u8], key: &str) -> Result<PackIndex, RepoError> {
+    let bad = |m: String| RepoError::Integrity { object: key.into(), message: m };
+    let json;
+    let body = if body.starts_with(&ZSTD_MAGIC) {
+        json = zstd::bulk::Decompressor::new()
+            .and_then(|mut d| d.decompress(body, INDEX_MAX))
+            .map_err(|e| bad(format!("pack index does not decompress: {e}")))?;
+        &json[..]
+    } else {
+        body
+    };
+    serde_json::from_slice(body).map_err(|e| bad(format!("unreadable pack index: {e}")))
+}
+
+/// An index's signed body: its JSON, compressed (chunk identifiers in hex
+/// are half of it, and the index is about 3% of its pack's size otherwise).
+pub fn index_body(index: &PackIndex) -> Vec<u8> {
+    let json = serde_json::to_vec(index).expect("pack index serializes");
+    zstd::bulk::compress(&json, 3).expect("compressing a buffer in memory does not fail")
 }
 
 pub fn decode_id(hex: &str) -> Option<ChunkId> {
@@ -214,8 +247,14 @@ impl PackWriter {
         self.file.flush()?;
         self.file.get_ref().sync_all()?;
         let info = PackInfo { id: self.id, size: self.size, blake3: self.hasher.finalize().to_hex().to_string() };
-        let index =
-            PackIndex { pack: info, created_at: chrono::Utc::now(), backup: backup.to_string(), blobs: self.blobs, chunks: self.chunks };
+        let index = PackIndex {
+            pack: info,
+            created_at: chrono::Utc::now(),
+            backup: backup.to_string(),
+            blobs: self.blobs,
+            chunks: self.chunks,
+            solid: true,
+        };
         Ok((index, self.path))
     }
 }
@@ -233,8 +272,7 @@ pub async fn upload_pack(
     if uploaded != index.pack.size {
         return Err(RepoError::Integrity { object: pack_key, message: format!("uploaded {uploaded} bytes of {}", index.pack.size) });
     }
-    let body = serde_json::to_vec(index).expect("pack index serializes");
-    let doc = key.sign_document(INDEX_KIND, &body);
+    let doc = key.sign_document(INDEX_KIND, &index_body(index));
     store.put(&layout::pack_index_key(&index.pack.id), doc.into()).await?;
     let _ = std::fs::remove_file(path);
     Ok(())

@@ -140,7 +140,13 @@ fn value_after(text: &str, marker: &str) -> Option<String> {
 
 impl Env {
     pub fn builder(pg: &PgCluster) -> EnvBuilder<'static> {
-        EnvBuilder { conninfo: pg.conninfo(), s3: None, settings: Vec::new() }
+        Self::builder_for(&pg.conninfo())
+    }
+
+    /// An environment for a server that is not running yet (set
+    /// `postgres.conninfo` once it is).
+    pub fn builder_for(conninfo: &str) -> EnvBuilder<'static> {
+        EnvBuilder { conninfo: conninfo.to_string(), s3: None, settings: Vec::new() }
     }
 
     /// A file-backed environment with defaults.
