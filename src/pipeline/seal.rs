@@ -98,11 +98,16 @@ impl Sealer {
         Ok((out, hash))
     }
 
-    /// Seals a small object in memory.
+    /// Seals an object held in memory (WAL files, small documents). The zstd
+    /// frame is made in one call over the whole input, not streamed: on 16 MiB
+    /// WAL segments the streaming encoder's copies and its sliding-window path
+    /// took about a third more CPU time. The frame records its content size.
     pub fn seal_bytes(&self, plain: &[u8]) -> Result<(Vec<u8>, SealSummary), SealError> {
-        let mut out = Vec::with_capacity(plain.len() / 4 + 512);
-        let summary = self.seal_stream(plain, &mut out)?;
-        Ok((out, summary))
+        let compressed = zstd::bulk::compress(plain, self.level).map_err(SealError::Io)?;
+        let (stored, stored_hash) = self.encrypt(&compressed)?;
+        let summary =
+            SealSummary { plain_len: plain.len() as u64, plain_hash: blake3::hash(plain), stored_len: stored.len() as u64, stored_hash };
+        Ok((stored, summary))
     }
 }
 
