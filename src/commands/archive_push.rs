@@ -63,17 +63,17 @@ pub async fn run(ctx: &Ctx, args: &ArchivePushArgs) -> Result<i32> {
         let wal_dir = wal_dir_of(&args.path);
         // A marker here that did not answer above (other content, or the
         // object is gone) is one the pusher would skip: no use waiting for it.
-        if !ready_after(&wal_dir, &name, 1).is_empty() && read_marker(&markers, &name).is_none() {
-            if let Some(marker) = wait_for_pusher(ctx, &markers, &wal_dir, &name).await
-                && content.is_in(&marker, identity.as_ref())?
-                && store.head(&WalArchive::key_of(&name)).await?.is_some()
-            {
-                tracing::info!("{name} archived by the background pusher (blake3 {})", marker.plain);
-                write_marker(&markers, &name, &marker.plain, false, marker.file.as_ref());
-                prune_markers(&markers, &name);
-                crate::crashpoint::crash_point("archive_push.before_exit");
-                return Ok(0);
-            }
+        if !ready_after(&wal_dir, &name, 1).is_empty()
+            && read_marker(&markers, &name).is_none()
+            && let Some(marker) = wait_for_pusher(ctx, &markers, &wal_dir, &name).await
+            && content.is_in(&marker, identity.as_ref())?
+            && store.head(&WalArchive::key_of(&name)).await?.is_some()
+        {
+            tracing::info!("{name} archived by the background pusher (blake3 {})", marker.plain);
+            write_marker(&markers, &name, &marker.plain, false, marker.file.as_ref());
+            prune_markers(&markers, &name);
+            crate::crashpoint::crash_point("archive_push.before_exit");
+            return Ok(0);
         }
     }
 
