@@ -243,9 +243,11 @@ impl PackWriter {
     }
 
     /// Closes the spool file; returns the index (not yet signed) and the file.
+    /// No fsync: the spool copy only serves this process's upload (and its
+    /// retries), which reads it back from the page cache; a crash abandons the
+    /// backup anyway. It ran on the receiving task and stalled the stream.
     pub fn finish(mut self, backup: &str) -> std::io::Result<(PackIndex, PathBuf)> {
         self.file.flush()?;
-        self.file.get_ref().sync_all()?;
         let info = PackInfo { id: self.id, size: self.size, blake3: self.hasher.finalize().to_hex().to_string() };
         let index = PackIndex {
             pack: info,
