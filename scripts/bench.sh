@@ -10,9 +10,13 @@
 #   wal      archive-push latency and backlog rate (scripts/bench-wal.sh)
 #   verify   walvault verify MB/s next to `cat` of the same files
 #
-#   scripts/bench.sh [--scale N] [--segments N] [--only LIST] [--keep]
+#   scripts/bench.sh [--scale N] [--segments N] [--rounds N] [--only LIST] [--keep]
 #
 # Defaults: pgbench scale 100 (about 1.5 GB), 200 WAL segments, everything.
+# Backup and restore run --rounds times (default 3), the tools taking turns, and
+# the tables give each figure's median (the machine's speed drifts by 10-20%
+# between runs) with every round's wall time beside it. Every backup round is
+# a full backup: walvault's chunks of the previous round are removed first.
 # Results go to stdout and bench-results/ (as a Markdown table). WV_LEVEL sets
 # walvault's zstd level (default 3, pgBackRest's and Barman's are 3 too).
 set -euo pipefail
@@ -21,15 +25,17 @@ ROOT=$(pwd)
 
 SCALE=100
 SEGMENTS=200
+ROUNDS=3
 ONLY="backup,restore,replay,wal,verify"
 KEEP=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --scale) SCALE=$2; shift 2 ;;
     --segments) SEGMENTS=$2; shift 2 ;;
+    --rounds) ROUNDS=$2; shift 2 ;;
     --only) ONLY=$2; shift 2 ;;
     --keep) KEEP=1; shift ;;
-    *) echo "usage: scripts/bench.sh [--scale N] [--segments N] [--only backup,restore,replay,wal,verify] [--keep]" >&2; exit 2 ;;
+    *) echo "usage: scripts/bench.sh [--scale N] [--segments N] [--rounds N] [--only backup,restore,replay,wal,verify] [--keep]" >&2; exit 2 ;;
   esac
 done
 want() { case ",$ONLY," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
@@ -164,37 +170,57 @@ measure() {
   printf '%s %s %s\n' "$wall" "$(echo "$user + $sys" | bc)" "$rss" > $W/m-$name
 }
 col() { cut -d' ' -f"$2" $W/m-$1; }
+# `median NAME`: m-NAME-r1..rN -> m-NAME, each column's median.
+median() {
+  for c in 1 2 3; do
+    cat $W/m-$1-r* | awk -v c=$c '{print $c}' | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'
+  done | paste -sd' ' > $W/m-$1
+}
+# `walls NAME`: every round's wall time, in round order.
+walls() { for f in $W/m-$1-r*; do cut -d' ' -f1 "$f"; done | paste -sd'/' | sed 's|/| / |g'; }
 ratio() { echo "scale=2; $1 / $2" | bc; }
 mib() { echo "scale=1; $1 / 1048576" | bc; }
 RESULTS=()
 row() { RESULTS+=("$*"); }
 
 if want backup; then
-  say "backup: walvault"
-  measure wv-backup runuser -u postgres -- $W/walvault --config $W/walvault.toml backup
-  say "backup: pgBackRest (zstd 3, process-max 2)"
-  measure br-backup runuser -u postgres -- $BR --type=full backup
-  say "backup: Barman (pg_basebackup, zstd 3)"
-  measure bm-backup $BM backup --wait bench || echo "0 0 0" > $W/m-bm-backup
+  for r in $(seq "$ROUNDS"); do
+    if [ "$r" -gt 1 ]; then rm -rf $W/wv-repo/packs $W/wv-repo/backups; fi
+    say "backup round $r of $ROUNDS: walvault"
+    measure wv-backup-r$r runuser -u postgres -- $W/walvault --config $W/walvault.toml backup
+    say "backup round $r of $ROUNDS: pgBackRest (zstd 3, process-max 2)"
+    measure br-backup-r$r runuser -u postgres -- $BR --type=full backup
+    say "backup round $r of $ROUNDS: Barman (pg_basebackup, zstd 3)"
+    measure bm-backup-r$r $BM backup --wait bench || echo "0 0 0" > $W/m-bm-backup-r$r
+  done
+  for t in wv br bm; do median $t-backup; done
+  # One backup each: walvault's last round; pgBackRest's and Barman's newest.
   WV_SIZE=$(du -sb $W/wv-repo/packs $W/wv-repo/backups | awk '{s+=$1} END {print s}')
-  BR_SIZE=$(du -sb $W/pgbr-repo/backup | awk '{print $1}')
-  BM_SIZE=$(du -sb $W/bm-home/bench/base | awk '{print $1}')
+  BR_SIZE=$(du -sb "$(ls -d $W/pgbr-repo/backup/bench/*F | tail -1)" | awk '{print $1}')
+  BM_SIZE=$(du -sb "$(ls -d $W/bm-home/bench/base/*/ 2>/dev/null | tail -1)" 2>/dev/null | awk '{print $1}')
+  BM_SIZE=${BM_SIZE:-0}
   row "backup wall s | $(col wv-backup 1) | $(col br-backup 1) | $(col bm-backup 1) | $(ratio "$(col br-backup 1)" "$(col wv-backup 1)")x faster | $(ratio "$(col bm-backup 1)" "$(col wv-backup 1)")x faster"
+  row "backup wall s, each round | $(walls wv-backup) | $(walls br-backup) | $(walls bm-backup) | | "
   row "backup CPU s | $(col wv-backup 2) | $(col br-backup 2) | $(col bm-backup 2) | $(ratio "$(col br-backup 2)" "$(col wv-backup 2)")x less | $(ratio "$(col bm-backup 2)" "$(col wv-backup 2)")x less"
   row "backup peak RSS MiB | $(echo "scale=1; $(col wv-backup 3)/1024" | bc) | $(echo "scale=1; $(col br-backup 3)/1024" | bc) | $(echo "scale=1; $(col bm-backup 3)/1024" | bc) | | "
   row "repository size MiB | $(mib "$WV_SIZE") | $(mib "$BR_SIZE") | $(mib "$BM_SIZE") | $(ratio "$BR_SIZE" "$WV_SIZE")x smaller | $(ratio "$BM_SIZE" "$WV_SIZE")x smaller"
 fi
 
 if want restore; then
-  for tool in wv br; do mkdir -p $W/r-$tool; chown postgres $W/r-$tool; done
-  mkdir -p $W/r-bm; chown barman $W/r-bm
-  say "restore: walvault"
-  measure wv-restore runuser -u postgres -- $W/walvault --config $W/walvault.toml restore --pgdata $W/r-wv/data --target-immediate
-  say "restore: pgBackRest (process-max 2)"
-  measure br-restore runuser -u postgres -- $BR --pg1-path=$W/r-br/data --type=immediate restore
-  say "restore: Barman (recover, local)"
-  measure bm-restore $BM recover --target-immediate bench latest $W/r-bm/data || echo "0 0 0" > $W/m-bm-restore
+  for r in $(seq "$ROUNDS"); do
+    rm -rf $W/r-wv $W/r-br $W/r-bm
+    for tool in wv br; do mkdir -p $W/r-$tool; chown postgres $W/r-$tool; done
+    mkdir -p $W/r-bm; chown barman $W/r-bm
+    say "restore round $r of $ROUNDS: walvault"
+    measure wv-restore-r$r runuser -u postgres -- $W/walvault --config $W/walvault.toml restore --pgdata $W/r-wv/data --target-immediate
+    say "restore round $r of $ROUNDS: pgBackRest (process-max 2)"
+    measure br-restore-r$r runuser -u postgres -- $BR --pg1-path=$W/r-br/data --type=immediate restore
+    say "restore round $r of $ROUNDS: Barman (recover, local)"
+    measure bm-restore-r$r $BM recover --target-immediate bench latest $W/r-bm/data || echo "0 0 0" > $W/m-bm-restore-r$r
+  done
+  for t in wv br bm; do median $t-restore; done
   row "restore wall s | $(col wv-restore 1) | $(col br-restore 1) | $(col bm-restore 1) | $(ratio "$(col br-restore 1)" "$(col wv-restore 1)")x faster | $(ratio "$(col bm-restore 1)" "$(col wv-restore 1)")x faster"
+  row "restore wall s, each round | $(walls wv-restore) | $(walls br-restore) | $(walls bm-restore) | | "
   row "restore CPU s | $(col wv-restore 2) | $(col br-restore 2) | $(col bm-restore 2) | $(ratio "$(col br-restore 2)" "$(col wv-restore 2)")x less | $(ratio "$(col bm-restore 2)" "$(col wv-restore 2)")x less"
   row "restore peak RSS MiB | $(echo "scale=1; $(col wv-restore 3)/1024" | bc) | $(echo "scale=1; $(col br-restore 3)/1024" | bc) | $(echo "scale=1; $(col bm-restore 3)/1024" | bc) | | "
   rm -rf $W/r-wv $W/r-br $W/r-bm
