@@ -57,6 +57,8 @@ fn a_format_1_repository_verifies_restores_and_takes_format_2_backups() {
     copy_tree(&fixture.join("repo"), &repo);
     for key in ["agent.key", "restore.key"] {
         std::fs::copy(fixture.join("keys").join(key), env.keys.join(key)).unwrap();
+        // A checkout makes them 0644, which walvault rightly refuses for secrets.
+        std::fs::set_permissions(env.keys.join(key), std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     }
     let public = std::fs::read_to_string(fixture.join("keys/public.toml")).unwrap();
     env.set("encryption.recipients", &format!("[\"{}\"]", value_of(&public, "recipients")));
