@@ -12,7 +12,7 @@
 //! backup's `tablespace_map` file, from which PostgreSQL recreates those links
 //! when it starts, is rewritten for the tablespaces that moved.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -42,6 +42,8 @@ const SMALL_FILE: u64 = 1 << 20;
 const BUNDLE_BYTES: u64 = 8 << 20;
 /// Fetched ranges held in memory at once, across all tasks.
 const RANGES_IN_FLIGHT: usize = 8;
+/// Opened blobs a bundle of small files keeps (each up to about 1 MiB).
+const BLOB_CACHE: usize = 4;
 
 pub struct MaterializeOptions {
     pub dest: PathBuf,
@@ -233,10 +235,12 @@ pub async fn write(
         .map(|job| {
             let shared = shared.clone();
             async move {
-                for (path, entry) in job {
-                    write_file(&shared, &path, &entry).await?;
+                if job.len() == 1 && job[0].1.size >= SMALL_FILE {
+                    let (path, entry) = &job[0];
+                    write_file(&shared, path, entry).await
+                } else {
+                    write_small_files(&shared, job).await
                 }
-                Ok(())
             }
         })
         .buffer_unordered(opts.parallel.max(1))
@@ -446,21 +450,7 @@ struct Decoded {
 }
 
 async fn write_file(shared: &Arc<Shared>, path: &Path, entry: &FileEntry) -> Result<()> {
-    let file = if shared.verify_only {
-        None
-    } else {
-        use std::os::unix::fs::OpenOptionsExt;
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(entry.mode & 0o777)
-            .open(path)
-            .with_context(|| format!("cannot create {}", path.display()))?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(entry.mode & 0o7777))?;
-        chown(path, shared.owner)?;
-        Some(f)
-    };
+    let file = create_file(shared, path, entry)?;
     let file = Arc::new(file);
     let whole = entry.size <= CHUNK_SIZE as u64;
     let mut hasher = FileHasher::new();
@@ -508,10 +498,33 @@ async fn write_file(shared: &Arc<Shared>, path: &Path, entry: &FileEntry) -> Res
         }
         offset = next;
     }
-    if offset != entry.size {
+    check_file(entry, offset, hasher)
+}
+
+/// Creates a file to restore, with its mode and owner; `None` when only verifying.
+fn create_file(shared: &Shared, path: &Path, entry: &FileEntry) -> Result<Option<std::fs::File>> {
+    if shared.verify_only {
+        return Ok(None);
+    }
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(entry.mode & 0o777)
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(entry.mode & 0o7777))?;
+    chown(path, shared.owner)?;
+    Ok(Some(f))
+}
+
+/// Checks a restored file's length and blake3 against the file list.
+fn check_file(entry: &FileEntry, len: u64, hasher: FileHasher) -> Result<()> {
+    if len != entry.size {
         return Err(RepoError::Integrity {
             object: entry.path.clone(),
-            message: format!("the backup holds {offset} bytes of a {} byte file", entry.size),
+            message: format!("the backup holds {len} bytes of a {} byte file", entry.size),
         }
         .into());
     }
@@ -528,17 +541,92 @@ async fn write_file(shared: &Arc<Shared>, path: &Path, entry: &FileEntry) -> Res
     Ok(())
 }
 
-/// Fetches a group's byte range, then checks, decrypts and decompresses each
-/// blob, computes every chunk's chaining value and checks the chunk against
-/// its identifier. `whole`: the file is one chunk.
-async fn decode_group(shared: &Arc<Shared>, g: FetchGroup, whole: bool) -> Result<Decoded> {
-    let pack_id = shared
-        .packs
-        .get(g.pack as usize)
-        .ok_or_else(|| Error::failed(format!("file list names pack #{} that the manifest lacks", g.pack)))?;
+/// Small files, in file-list order. Consecutive ones were batched together
+/// when backed up, so they share blobs: each blob is fetched and opened once
+/// for all of them (opening it per file cost an X25519 agreement and a 1 MiB
+/// decompression for each few-KiB file), and each file is checked and written
+/// in one call on the CPU pool.
+async fn write_small_files(shared: &Arc<Shared>, files: Vec<(PathBuf, FileEntry)>) -> Result<()> {
+    let mut cache: VecDeque<OpenedBlob> = VecDeque::new();
+    for (path, entry) in files {
+        let mut fetched = Vec::new();
+        let _permit = shared.ranges.acquire().await.expect("semaphore open");
+        for run in &entry.blobs {
+            let here = |b: &OpenedBlob| b.pack == run.p && b.offset == run.o;
+            if !cache.iter().any(here) && !fetched.iter().any(|(r, _): &(BlobRun, bytes::Bytes)| r.p == run.p && r.o == run.o) {
+                let bytes =
+                    fetch_range(shared, run.p, run.o, run.o + run.l as u64).await.with_context(|| format!("restoring {}", entry.path))?;
+                fetched.push((run.clone(), bytes));
+            }
+        }
+        let blobs: Vec<OpenedBlob> =
+            entry.blobs.iter().filter_map(|r| cache.iter().find(|b| b.pack == r.p && b.offset == r.o).cloned()).collect();
+        let shared2 = shared.clone();
+        let opened = cpu_pool()
+            .run(move || -> Result<Vec<OpenedBlob>> {
+                let whole = entry.size <= CHUNK_SIZE as u64;
+                let (mut chunks, mut cvs) = (Vec::new(), Vec::new());
+                let opened = (|| -> Result<Vec<OpenedBlob>> {
+                    let mut blobs = blobs;
+                    let mut opened = Vec::new();
+                    for (run, bytes) in &fetched {
+                        let blob = open_blob(&shared2, run, bytes)?;
+                        opened.push(blob.clone());
+                        blobs.push(blob);
+                    }
+                    let cv_key = CvKey::new(&shared2.chunk_key);
+                    let mut offset = 0u64;
+                    for run in &entry.blobs {
+                        let blob = blobs.iter().find(|b| b.pack == run.p && b.offset == run.o).expect("every blob of the file is open");
+                        run_chunks(&shared2, &cv_key, blob, run, &mut offset, whole, &mut chunks, &mut cvs)?;
+                    }
+                    Ok(opened)
+                })()
+                .with_context(|| format!("restoring {}", entry.path))?;
+                let file = create_file(&shared2, &path, &entry)?;
+                let mut hasher = FileHasher::new();
+                let mut off = 0u64;
+                for (data, cv) in chunks.iter().zip(cvs) {
+                    if let Some(f) = file.as_ref() {
+                        f.write_all_at(data, off).with_context(|| format!("cannot write {}", path.display()))?;
+                    }
+                    off += data.len() as u64;
+                    hasher.push(cv, whole);
+                }
+                check_file(&entry, off, hasher)?;
+                let done = shared2.written.fetch_add(off, std::sync::atomic::Ordering::Relaxed) + off;
+                if let Some(p) = &shared2.progress {
+                    p(done);
+                }
+                Ok(opened)
+            })
+            .await?;
+        crate::crashpoint::crash_point("restore.mid_write");
+        for blob in opened {
+            if cache.len() >= BLOB_CACHE {
+                cache.pop_front();
+            }
+            cache.push_back(blob);
+        }
+    }
+    Ok(())
+}
+
+/// A blob's plaintext, decrypted and (for a solid blob) decompressed.
+#[derive(Clone)]
+struct OpenedBlob {
+    pack: u32,
+    offset: u64,
+    key: Arc<str>,
+    plain: bytes::Bytes,
+}
+
+/// Reads a byte range of a pack (the semaphore bounds the ranges held).
+async fn fetch_range(shared: &Shared, pack: u32, start: u64, end: u64) -> Result<bytes::Bytes> {
+    let pack_id =
+        shared.packs.get(pack as usize).ok_or_else(|| Error::failed(format!("file list names pack #{pack} that the manifest lacks")))?;
     let key = layout::pack_key(pack_id);
-    let _permit = shared.ranges.acquire().await.expect("semaphore open");
-    let bytes = match storage::get_bytes(shared.store.as_ref(), &key, Some(g.start..g.end)).await {
+    let bytes = match storage::get_bytes(shared.store.as_ref(), &key, Some(start..end)).await {
         Ok(b) => b,
         // The range the manifest recorded starts past the pack's end: the pack
         // was truncated or replaced, which is damage, not a bad request.
@@ -550,68 +638,84 @@ async fn decode_group(shared: &Arc<Shared>, g: FetchGroup, whole: bool) -> Resul
         }
         Err(e) => return Err(e.into()),
     };
-    if bytes.len() as u64 != g.end - g.start {
+    if bytes.len() as u64 != end - start {
         return Err(RepoError::Integrity { object: key, message: "pack is shorter than the manifest says".into() }.into());
     }
-    let (opener, chunk_key, chunk_ids) = (shared.opener.clone(), shared.chunk_key, shared.chunk_ids);
+    Ok(bytes)
+}
+
+/// Checks a blob against its signed checksum, decrypts it and, if solid,
+/// decompresses it.
+fn open_blob(shared: &Shared, run: &BlobRun, blob: &[u8]) -> Result<OpenedBlob> {
+    let key: Arc<str> = layout::pack_key(shared.packs.get(run.p as usize).map(String::as_str).unwrap_or("?")).into();
+    let damaged = |message: String| Error::from(RepoError::Integrity { object: key.to_string(), message });
+    let actual = blake3::hash(blob);
+    if actual.to_hex().as_str() != run.h {
+        return Err(damaged(format!("blob at offset {} has blake3 {}, the backup recorded {}", run.o, actual.to_hex(), run.h)));
+    }
+    let plain = shared.opener.decrypt(blob).map_err(|e| damaged(e.to_string()))?;
+    let plain = if run.s { decompress_solid(&plain).map_err(|e| damaged(format!("blob at offset {}: {e}", run.o)))? } else { plain };
+    Ok(OpenedBlob { pack: run.p, offset: run.o, key, plain: bytes::Bytes::from(plain) })
+}
+
+/// The chunks of a run, out of its opened blob, each checked against its
+/// identifier; their chaining values go to `cvs`.
+#[allow(clippy::too_many_arguments)]
+fn run_chunks(
+    shared: &Shared,
+    cv_key: &CvKey,
+    blob: &OpenedBlob,
+    run: &BlobRun,
+    file_offset: &mut u64,
+    whole: bool,
+    chunks: &mut Vec<bytes::Bytes>,
+    cvs: &mut Vec<[u8; 32]>,
+) -> Result<()> {
+    let damaged = |message: String| Error::from(RepoError::Integrity { object: blob.key.to_string(), message });
+    for (frame_offset, frame_len, raw_len, id) in &run.c {
+        let frame = Frame { offset: *frame_offset, len: *frame_len };
+        let data = if run.s {
+            solid_chunk(&blob.plain, frame, *raw_len as usize).map(|c| blob.plain.slice_ref(c))
+        } else {
+            decompress_frame(&blob.plain, frame, *raw_len as usize).map(bytes::Bytes::from)
+        }
+        .map_err(|e| damaged(format!("chunk at offset {}: {e}", run.o)))?;
+        let want = decode_id(id).ok_or_else(|| Error::failed(format!("bad chunk id '{id}' in the file list")))?;
+        let cv = chaining_value(&data, *file_offset, whole);
+        let actual = match shared.chunk_ids {
+            ChunkIds::ChainingValue => cv_chunk_id(cv_key, &cv),
+            ChunkIds::Content => content_chunk_id(&shared.chunk_key, &data),
+        };
+        if actual != want {
+            return Err(damaged(format!("a chunk in the blob at offset {} does not match its identifier {id}", run.o)));
+        }
+        *file_offset += data.len() as u64;
+        chunks.push(data);
+        cvs.push(cv);
+    }
+    Ok(())
+}
+
+/// Fetches a group's byte range, then checks, decrypts and decompresses each
+/// blob, computes every chunk's chaining value and checks the chunk against
+/// its identifier. `whole`: the file is one chunk.
+async fn decode_group(shared: &Arc<Shared>, g: FetchGroup, whole: bool) -> Result<Decoded> {
+    let _permit = shared.ranges.acquire().await.expect("semaphore open");
+    let bytes = fetch_range(shared, g.pack, g.start, g.end).await?;
+    let shared = shared.clone();
     cpu_pool()
         .run(move || {
-            let cv_key = CvKey::new(&chunk_key);
+            let cv_key = CvKey::new(&shared.chunk_key);
             let mut file_offset = g.file_offset;
-            let mut chunks = Vec::new();
-            let mut cvs = Vec::new();
-            let mut cache: Option<(u64, bytes::Bytes)> = None;
+            let (mut chunks, mut cvs) = (Vec::new(), Vec::new());
+            let mut opened: Option<OpenedBlob> = None;
             for run in &g.runs {
-                let blob = &bytes[(run.o - g.start) as usize..(run.o - g.start + run.l as u64) as usize];
-                if cache.as_ref().is_none_or(|(o, _)| *o != run.o) {
-                    let actual = blake3::hash(blob);
-                    if actual.to_hex().as_str() != run.h {
-                        return Err(Error::from(RepoError::Integrity {
-                            object: key.clone(),
-                            message: format!("blob at offset {} has blake3 {}, the backup recorded {}", run.o, actual.to_hex(), run.h),
-                        }));
-                    }
-                    let plain = opener
-                        .decrypt(blob)
-                        .map_err(|e| Error::from(RepoError::Integrity { object: key.clone(), message: e.to_string() }))?;
-                    // A solid blob is decompressed once, for all its chunks.
-                    let plain = if run.s {
-                        decompress_solid(&plain).map_err(|e| {
-                            Error::from(RepoError::Integrity { object: key.clone(), message: format!("blob at offset {}: {e}", run.o) })
-                        })?
-                    } else {
-                        plain
-                    };
-                    cache = Some((run.o, bytes::Bytes::from(plain)));
+                if opened.as_ref().is_none_or(|b| b.offset != run.o) {
+                    let blob = &bytes[(run.o - g.start) as usize..(run.o - g.start + run.l as u64) as usize];
+                    opened = Some(open_blob(&shared, run, blob)?);
                 }
-                let plain = &cache.as_ref().expect("cached").1;
-                for (frame_offset, frame_len, raw_len, id) in &run.c {
-                    let frame = Frame { offset: *frame_offset, len: *frame_len };
-                    let data = if run.s {
-                        solid_chunk(plain, frame, *raw_len as usize).map(|c| plain.slice_ref(c))
-                    } else {
-                        decompress_frame(plain, frame, *raw_len as usize).map(bytes::Bytes::from)
-                    }
-                    .map_err(|e| {
-                        Error::from(RepoError::Integrity { object: key.clone(), message: format!("chunk at offset {}: {e}", run.o) })
-                    })?;
-                    let want = decode_id(id).ok_or_else(|| Error::failed(format!("bad chunk id '{id}' in the file list")))?;
-                    let cv = chaining_value(&data, file_offset, whole);
-                    let actual = match chunk_ids {
-                        ChunkIds::ChainingValue => cv_chunk_id(&cv_key, &cv),
-                        ChunkIds::Content => content_chunk_id(&chunk_key, &data),
-                    };
-                    if actual != want {
-                        return Err(RepoError::Integrity {
-                            object: key.clone(),
-                            message: format!("a chunk in the blob at offset {} does not match its identifier {id}", run.o),
-                        }
-                        .into());
-                    }
-                    file_offset += data.len() as u64;
-                    chunks.push(data);
-                    cvs.push(cv);
-                }
+                let blob = opened.as_ref().expect("opened");
+                run_chunks(&shared, &cv_key, blob, run, &mut file_offset, whole, &mut chunks, &mut cvs)?;
             }
             Ok(Decoded { chunks, cvs })
         })
