@@ -165,50 +165,72 @@ thread_local! {
     static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
 }
 
-/// Idle encoders, shared by the threads: an encoder for 1 MiB frames holds a
-/// few MiB of tables, and tokio's blocking threads come and go, so one per
+/// Idle compressors, shared by the threads: a context for 1 MiB frames holds
+/// a few MiB of tables, and tokio's blocking threads come and go, so one per
 /// thread would add up. There are never more than the tasks compressing at once.
-static ENCODERS: Mutex<Vec<(i32, zstd::stream::raw::Encoder<'static>)>> = Mutex::new(Vec::new());
+static COMPRESSORS: Mutex<Vec<(i32, zstd::bulk::Compressor<'static>)>> = Mutex::new(Vec::new());
 
 /// Compresses `parts`, in order, as one zstd frame (with its size, so the
-/// reader can size its buffer) into the empty `out`.
+/// reader can size its buffer) into `out`. One part is compressed where it
+/// lies; several are joined first (zstd's streaming mode copies its input
+/// into a window buffer anyway, and one-shot compression is faster).
 fn compress_solid(level: i32, parts: &[&[u8]], out: &mut Vec<u8>) -> std::io::Result<()> {
     let idle = {
-        let mut idle = ENCODERS.lock().expect("encoder pool lock");
+        let mut idle = COMPRESSORS.lock().expect("compressor pool lock");
         idle.iter().position(|(l, _)| *l == level).map(|i| idle.swap_remove(i).1)
     };
-    let mut enc = match idle {
-        Some(enc) => enc,
-        None => zstd::stream::raw::Encoder::new(level)?,
+    let mut compressor = match idle {
+        Some(c) => c,
+        None => zstd::bulk::Compressor::new(level)?,
     };
-    let result = compress_with(&mut enc, parts, out);
+    let joined;
+    let input: &[u8] = match parts {
+        [one] => one,
+        _ => {
+            joined = parts.concat();
+            &joined
+        }
+    };
+    out.clear();
+    out.reserve(zstd::zstd_safe::compress_bound(input.len()));
+    let result = compressor.compress_to_buffer(input, out).map(|_| ());
     if result.is_ok() {
-        ENCODERS.lock().expect("encoder pool lock").push((level, enc));
+        COMPRESSORS.lock().expect("compressor pool lock").push((level, compressor));
     }
     result
 }
 
-fn compress_with(enc: &mut zstd::stream::raw::Encoder<'static>, parts: &[&[u8]], out: &mut Vec<u8>) -> std::io::Result<()> {
-    use zstd::stream::raw::{InBuffer, Operation, OutBuffer};
-    enc.reinit()?;
-    let total: usize = parts.iter().map(|p| p.len()).sum();
-    enc.set_pledged_src_size(Some(total as u64))?;
-    out.clear();
-    // With compress_bound of room the frame always fits: no step can stall.
-    out.reserve(zstd::zstd_safe::compress_bound(total) + 64);
-    let mut output = OutBuffer::around(out);
+/// Joins parts that lie next to each other in `arena` (the batch's buffer)
+/// into one slice of it, so a batch whose chunks are all new is compressed
+/// from its buffer without a copy. Parts outside the arena stay as they are.
+fn coalesce<'a>(parts: Vec<&'a [u8]>, arena: Option<&'a Bytes>) -> Vec<&'a [u8]> {
+    let Some(arena) = arena else { return parts };
+    let base = arena.as_ptr() as usize;
+    // A part's offset in the arena, if it lies inside it.
+    let offset_in = |p: &[u8]| {
+        let start = (p.as_ptr() as usize).wrapping_sub(base);
+        (start <= arena.len() && p.len() <= arena.len() - start).then_some(start)
+    };
+    let mut out = Vec::new();
+    let mut run: Option<(usize, usize)> = None;
     for part in parts {
-        let mut input = InBuffer::around(part);
-        while input.pos() < part.len() {
-            enc.run(&mut input, &mut output)?;
+        match (run, offset_in(part)) {
+            (Some((start, end)), Some(at)) if at == end => run = Some((start, end + part.len())),
+            (prev, at) => {
+                if let Some((start, end)) = prev {
+                    out.push(&arena[start..end]);
+                }
+                run = at.map(|at| (at, at + part.len()));
+                if run.is_none() {
+                    out.push(part);
+                }
+            }
         }
     }
-    while enc.finish(&mut output, true)? != 0 {
-        if output.pos() == output.capacity() {
-            return Err(std::io::Error::other("zstd frame larger than its bound"));
-        }
+    if let Some((start, end)) = run {
+        out.push(&arena[start..end]);
     }
-    Ok(())
+    out
 }
 
 /// Decompresses one zstd frame of at most `capacity` bytes with this thread's
@@ -250,13 +272,15 @@ pub fn solid_chunk(blob: &[u8], frame: Frame, raw_len: usize) -> std::io::Result
 /// The worker: identifies every chunk, compresses the ones not known together,
 /// and seals them into one solid blob. Blocking; run it on the CPU pool.
 pub fn process_batch(chunks: Vec<PendingChunk>, key: &CvKey, known: &dyn KnownChunks, sealer: &Sealer) -> Result<BatchResult, SealError> {
-    process_claimed_batch(chunks, key, known, sealer, None)
+    process_claimed_batch(chunks, None, key, known, sealer, None)
 }
 
 /// `process_batch` for one of a backup's batches: chunks an earlier batch
-/// claimed (see `ChunkClaims`) are left out like known ones.
+/// claimed (see `ChunkClaims`) are left out like known ones. `arena`: the
+/// buffer the chunks are slices of, if they are.
 pub fn process_claimed_batch(
     chunks: Vec<PendingChunk>,
+    arena: Option<&Bytes>,
     key: &CvKey,
     known: &dyn KnownChunks,
     sealer: &Sealer,
@@ -288,7 +312,7 @@ pub fn process_claimed_batch(
         None
     } else {
         let mut compressed = Vec::new();
-        compress_solid(sealer.level(), &stored, &mut compressed)?;
+        compress_solid(sealer.level(), &coalesce(stored, arena), &mut compressed)?;
         let (bytes, hash) = sealer.encrypt(&compressed)?;
         Some(SealedBlob { bytes, hash })
     };
@@ -414,6 +438,31 @@ mod tests {
         assert!(c.claim(&x, 3), "an earlier batch that got there second stores it too");
         assert!(!c.claim(&x, 5), "and now batch 5 may leave it out: batch 3 is applied before it");
         assert!(c.claim(&y, 9));
+    }
+
+    #[test]
+    fn adjacent_parts_of_the_arena_are_compressed_as_one_slice() {
+        let arena = Bytes::from((0..4 * CHUNK_SIZE).map(|i| (i / 7) as u8).collect::<Vec<_>>());
+        let (a, b, c, d) =
+            (&arena[..CHUNK_SIZE], &arena[CHUNK_SIZE..2 * CHUNK_SIZE], &arena[2 * CHUNK_SIZE..3 * CHUNK_SIZE], &arena[3 * CHUNK_SIZE..]);
+        let whole = coalesce(vec![a, b, c, d], Some(&arena));
+        assert_eq!(whole.len(), 1);
+        assert_eq!(whole[0].as_ptr(), arena.as_ptr(), "a slice of the arena, not a copy");
+        assert_eq!(whole[0].len(), arena.len());
+        // A known chunk left out: two runs. A part from elsewhere stays itself.
+        let other = vec![5u8; 100];
+        let parts = coalesce(vec![a, b, d, &other, c], Some(&arena));
+        let lens: Vec<usize> = parts.iter().map(|p| p.len()).collect();
+        assert_eq!(lens, vec![2 * CHUNK_SIZE, CHUNK_SIZE, 100, CHUNK_SIZE]);
+        assert_eq!(parts[2].as_ptr(), other.as_ptr());
+        // Without an arena nothing is joined.
+        assert_eq!(coalesce(vec![a, b], None).len(), 2);
+        // Either way the frame holds the parts in order.
+        for parts in [vec![&arena[..]], vec![a, b, c, d]] {
+            let mut out = Vec::new();
+            compress_solid(3, &parts, &mut out).unwrap();
+            assert_eq!(decompress_solid(&out).unwrap(), &arena[..]);
+        }
     }
 
     #[test]
