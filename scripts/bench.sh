@@ -159,8 +159,19 @@ PG "$PGBIN/pgbench" -h $W -p $PORT -U postgres -i -s "$SCALE" -q postgres 2>&1 |
 PSQL "checkpoint" >/dev/null
 DBSIZE=$(PSQL "select pg_database_size('postgres')")
 # Barman's WAL: its cron starts pg_receivewal; a switch proves it arrives.
+# When pg_receivewal starts only after the switched segment was complete, it
+# never receives that one: run cron again and switch once more.
+bm_wal() { $BM switch-wal --force --archive --archive-timeout "$1" bench >/dev/null 2>&1; }
 $BM cron >/dev/null 2>&1
-$BM switch-wal --force --archive --archive-timeout 120 bench >/dev/null 2>&1 || echo "Barman's WAL streaming did not start; its figures will be missing" >&2
+bm_wal 30 || { $BM cron >/dev/null 2>&1; bm_wal 60; } || echo "Barman's WAL streaming did not start; its figures will be missing" >&2
+# Loading the database left ~100 segments for archive_command (both tools'
+# archive-push): let it finish, or it competes with the first rounds for the cores.
+say "waiting for the archiver to catch up with the load's WAL"
+for _ in $(seq 600); do
+  ready=$(find $W/pg/pg_wal/archive_status -name '*.ready' | wc -l)
+  [ "$ready" -gt 0 ] || break
+  sleep 0.5
+done
 
 # `measure NAME CMD...`: wall seconds, CPU seconds (user+sys), peak RSS (KiB) into $W/m-NAME.
 measure() {
@@ -197,7 +208,7 @@ if want backup; then
   # One backup each: walvault's last round; pgBackRest's and Barman's newest.
   WV_SIZE=$(du -sb $W/wv-repo/packs $W/wv-repo/backups | awk '{s+=$1} END {print s}')
   BR_SIZE=$(du -sb "$(ls -d $W/pgbr-repo/backup/bench/*F | tail -1)" | awk '{print $1}')
-  BM_SIZE=$(du -sb "$(ls -d $W/bm-home/bench/base/*/ 2>/dev/null | tail -1)" 2>/dev/null | awk '{print $1}')
+  BM_SIZE=$( (du -sb "$(ls -d $W/bm-home/bench/base/*/ 2>/dev/null | tail -1)" 2>/dev/null || true) | awk '{print $1}')
   BM_SIZE=${BM_SIZE:-0}
   row "backup wall s | $(col wv-backup 1) | $(col br-backup 1) | $(col bm-backup 1) | $(ratio "$(col br-backup 1)" "$(col wv-backup 1)")x faster | $(ratio "$(col bm-backup 1)" "$(col wv-backup 1)")x faster"
   row "backup wall s, each round | $(walls wv-backup) | $(walls br-backup) | $(walls bm-backup) | | "
