@@ -198,10 +198,13 @@ if want backup; then
   for r in $(seq "$ROUNDS"); do
     if [ "$r" -gt 1 ]; then rm -rf $W/wv-repo/packs $W/wv-repo/backups; fi
     say "backup round $r of $ROUNDS: walvault"
+    sync; sleep 1
     measure wv-backup-r$r runuser -u postgres -- $W/walvault --config $W/walvault.toml backup
     say "backup round $r of $ROUNDS: pgBackRest (zstd 3, process-max 2)"
+    sync; sleep 1
     measure br-backup-r$r runuser -u postgres -- $BR --type=full backup
     say "backup round $r of $ROUNDS: Barman (pg_basebackup, zstd 3)"
+    sync; sleep 1
     measure bm-backup-r$r $BM backup --wait bench || echo "0 0 0" > $W/m-bm-backup-r$r
   done
   for t in wv br bm; do median $t-backup; done
@@ -218,15 +221,25 @@ if want backup; then
 fi
 
 if want restore; then
-  for r in $(seq "$ROUNDS"); do
+  # Each restore starts on a quiet machine: the previous one's directory is
+  # removed and its dirty pages written back first (otherwise the first tool
+  # of a round pays for the writeback of the last one's output).
+  fresh_target() { # tool, owner
     rm -rf $W/r-wv $W/r-br $W/r-bm
-    for tool in wv br; do mkdir -p $W/r-$tool; chown postgres $W/r-$tool; done
-    mkdir -p $W/r-bm; chown barman $W/r-bm
+    sync
+    mkdir -p $W/r-$1
+    chown "$2" $W/r-$1
+    sleep 1
+  }
+  for r in $(seq "$ROUNDS"); do
     say "restore round $r of $ROUNDS: walvault"
+    fresh_target wv postgres
     measure wv-restore-r$r runuser -u postgres -- $W/walvault --config $W/walvault.toml restore --pgdata $W/r-wv/data --target-immediate
     say "restore round $r of $ROUNDS: pgBackRest (process-max 2)"
+    fresh_target br postgres
     measure br-restore-r$r runuser -u postgres -- $BR --pg1-path=$W/r-br/data --type=immediate restore
     say "restore round $r of $ROUNDS: Barman (recover, local)"
+    fresh_target bm barman
     measure bm-restore-r$r $BM recover --target-immediate bench latest $W/r-bm/data || echo "0 0 0" > $W/m-bm-restore-r$r
   done
   for t in wv br bm; do median $t-restore; done
