@@ -23,6 +23,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
+. scripts/bench-lib.sh
 
 SEGMENTS=100
 LATENCY_RUNS=${LATENCY_RUNS:-20}
@@ -46,6 +47,7 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 missing=()
 command -v pgbackrest >/dev/null || missing+=(pgbackrest)
 command -v bc >/dev/null || missing+=(bc)
+command -v python3 >/dev/null || missing+=(python3)
 [ -x "$PGBIN/postgres" ] || missing+=(postgresql-15)
 if [ ${#missing[@]} -gt 0 ]; then
   say "installing ${missing[*]}"
@@ -211,8 +213,12 @@ chmod 755 $W/archiver.sh
 RESULTS=()
 row() { RESULTS+=("$*"); }
 # `drive NAME COMMAND...`: runs the archiver loop over the backlog; sets DRIVE_TOTAL (ms).
+# Every timed run starts from the same warm machine (scripts/bench-lib.sh):
+# the segments read once, and as much memory touched as the run will fill.
+warm() { warm_files $W/segs; warm_memory $(( (SEGMENTS + 10) * 16 * 1024 * 1024 )); sync; sleep 1; }
 drive() {
   local name=$1; shift
+  warm
   (cd $W/fake && PG env ARCHIVER_LOG=$W/archiver-$name.log $W/archiver.sh "$@") > $W/calls-$name.txt
   DRIVE_TOTAL=$(sed -n 's/^total //p' $W/calls-$name.txt)
 }
@@ -241,6 +247,7 @@ if want latency; then
     rm -rf $W/fake; fresh_fake
     rm -f $W/fake/pg_wal/archive_status/*.ready $W/fake/pg_wal/0*
     : > $W/lat-$name.txt
+    warm
     for s in $LAT_SEGS; do
       PG ln $W/segs/$s $W/fake/pg_wal/$s
       PG touch $W/fake/pg_wal/archive_status/$s.ready

@@ -22,6 +22,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
+. scripts/bench-lib.sh
 
 SCALE=100
 SEGMENTS=200
@@ -47,6 +48,7 @@ missing=()
 command -v pgbackrest >/dev/null || missing+=(pgbackrest)
 command -v barman >/dev/null || missing+=(barman)
 [ -x /usr/bin/time ] || missing+=(time)
+command -v python3 >/dev/null || missing+=(python3)
 [ -x "$PGBIN/postgres" ] || missing+=(postgresql-15)
 if [ ${#missing[@]} -gt 0 ]; then
   say "installing ${missing[*]}"
@@ -177,6 +179,7 @@ done
 measure() {
   local name=$1; shift
   /usr/bin/time -f "%e %U %S %M" -o $W/m-$name "$@" > $W/out-$name 2>&1 || { cat $W/out-$name >&2; return 1; }
+  cp $W/m-$name $W/raw-$name  # wall user sys rss, kept for reading
   read -r wall user sys rss < $W/m-$name
   printf '%s %s %s\n' "$wall" "$(echo "$user + $sys" | bc)" "$rss" > $W/m-$name
 }
@@ -194,17 +197,19 @@ mib() { echo "scale=1; $1 / 1048576" | bc; }
 RESULTS=()
 row() { RESULTS+=("$*"); }
 
+# Before each timed run the machine is warmed the same way for every tool
+# (scripts/bench-lib.sh says why).
 if want backup; then
   for r in $(seq "$ROUNDS"); do
     if [ "$r" -gt 1 ]; then rm -rf $W/wv-repo/packs $W/wv-repo/backups; fi
     say "backup round $r of $ROUNDS: walvault"
-    sync; sleep 1
+    warm_files $W/pg; sync; sleep 1
     measure wv-backup-r$r runuser -u postgres -- $W/walvault --config $W/walvault.toml backup
     say "backup round $r of $ROUNDS: pgBackRest (zstd 3, process-max 2)"
-    sync; sleep 1
+    warm_files $W/pg; sync; sleep 1
     measure br-backup-r$r runuser -u postgres -- $BR --type=full backup
     say "backup round $r of $ROUNDS: Barman (pg_basebackup, zstd 3)"
-    sync; sleep 1
+    warm_files $W/pg; sync; sleep 1
     measure bm-backup-r$r $BM backup --wait bench || echo "0 0 0" > $W/m-bm-backup-r$r
   done
   for t in wv br bm; do median $t-backup; done
@@ -224,22 +229,26 @@ if want restore; then
   # Each restore starts on a quiet machine: the previous one's directory is
   # removed and its dirty pages written back first (otherwise the first tool
   # of a round pays for the writeback of the last one's output).
-  fresh_target() { # tool, owner
-    rm -rf $W/r-wv $W/r-br $W/r-bm
+  fresh_target() { # tool, owner, its repository
+    # (once, rm met a directory still being filled just after pgBackRest's
+    # restore had exited: try again after a moment)
+    rm -rf $W/r-wv $W/r-br $W/r-bm 2>/dev/null || { sleep 2; rm -rf $W/r-wv $W/r-br $W/r-bm; }
     sync
+    warm_files "$3"
+    warm_memory $((DBSIZE * 12 / 10))
     mkdir -p $W/r-$1
     chown "$2" $W/r-$1
     sleep 1
   }
   for r in $(seq "$ROUNDS"); do
     say "restore round $r of $ROUNDS: walvault"
-    fresh_target wv postgres
+    fresh_target wv postgres $W/wv-repo
     measure wv-restore-r$r runuser -u postgres -- $W/walvault --config $W/walvault.toml restore --pgdata $W/r-wv/data --target-immediate
     say "restore round $r of $ROUNDS: pgBackRest (process-max 2)"
-    fresh_target br postgres
+    fresh_target br postgres $W/pgbr-repo
     measure br-restore-r$r runuser -u postgres -- $BR --pg1-path=$W/r-br/data --type=immediate restore
     say "restore round $r of $ROUNDS: Barman (recover, local)"
-    fresh_target bm barman
+    fresh_target bm barman $W/bm-home
     measure bm-restore-r$r $BM recover --target-immediate bench latest $W/r-bm/data || echo "0 0 0" > $W/m-bm-restore-r$r
   done
   for t in wv br bm; do median $t-restore; done
@@ -288,8 +297,10 @@ EOF
   PG $BR --pg1-path=$W/rp-br/data restore >/dev/null
   export -f replay PG; export W PGBIN
   say "replay: walvault archive-get (prefetch)"
+  warm_files $W/rp-wv/data $W/wv-repo; sync; sleep 1
   measure wv-replay bash -c "replay $W/rp-wv/data 55433"
   say "replay: pgbackrest archive-get (async)"
+  warm_files $W/rp-br/data $W/pgbr-repo; sync; sleep 1
   measure br-replay bash -c "replay $W/rp-br/data 55434"
   SEGS=$(grep -c 'restored log file' $W/rp-wv/data.log || true)
   row "replay of $SEGS segments s | $(col wv-replay 1) | $(col br-replay 1) | | $(ratio "$(col br-replay 1)" "$(col wv-replay 1)")x faster | "
