@@ -552,15 +552,13 @@ async fn write_small_files(shared: &Arc<Shared>, files: Vec<(PathBuf, FileEntry)
         let mut fetched = Vec::new();
         let _permit = shared.ranges.acquire().await.expect("semaphore open");
         for run in &entry.blobs {
-            let here = |b: &OpenedBlob| b.pack == run.p && b.offset == run.o;
-            if !cache.iter().any(here) && !fetched.iter().any(|(r, _): &(BlobRun, bytes::Bytes)| r.p == run.p && r.o == run.o) {
+            if !cache.iter().any(|b| b.holds(run)) && !fetched.iter().any(|(r, _): &(BlobRun, bytes::Bytes)| r.p == run.p && r.o == run.o) {
                 let bytes =
                     fetch_range(shared, run.p, run.o, run.o + run.l as u64).await.with_context(|| format!("restoring {}", entry.path))?;
                 fetched.push((run.clone(), bytes));
             }
         }
-        let blobs: Vec<OpenedBlob> =
-            entry.blobs.iter().filter_map(|r| cache.iter().find(|b| b.pack == r.p && b.offset == r.o).cloned()).collect();
+        let blobs: Vec<OpenedBlob> = entry.blobs.iter().filter_map(|r| cache.iter().find(|b| b.holds(r)).cloned()).collect();
         let shared2 = shared.clone();
         let opened = cpu_pool()
             .run(move || -> Result<Vec<OpenedBlob>> {
@@ -577,7 +575,7 @@ async fn write_small_files(shared: &Arc<Shared>, files: Vec<(PathBuf, FileEntry)
                     let cv_key = CvKey::new(&shared2.chunk_key);
                     let mut offset = 0u64;
                     for run in &entry.blobs {
-                        let blob = blobs.iter().find(|b| b.pack == run.p && b.offset == run.o).expect("every blob of the file is open");
+                        let blob = blobs.iter().find(|b| b.holds(run)).expect("every blob of the file is open");
                         run_chunks(&shared2, &cv_key, blob, run, &mut offset, whole, &mut chunks, &mut cvs)?;
                     }
                     Ok(opened)
@@ -619,6 +617,13 @@ struct OpenedBlob {
     offset: u64,
     key: Arc<str>,
     plain: bytes::Bytes,
+}
+
+impl OpenedBlob {
+    /// Whether this is the blob `run` describes.
+    fn holds(&self, run: &BlobRun) -> bool {
+        self.pack == run.p && self.offset == run.o
+    }
 }
 
 /// Reads a byte range of a pack (the semaphore bounds the ranges held).
