@@ -567,6 +567,7 @@ pub async fn pusher(ctx: &Ctx, args: &PusherArgs) -> Result<i32> {
 
     let markers = marker_dir(ctx);
     let PusherLock::Taken(_lock) = try_pusher_lock(&markers) else { return Ok(0) };
+    keep_segment_buffers();
     let store = ctx.store().await?;
     let archive = Arc::new(ctx.wal_writer(store).await?);
     let expected = archive.expected_wal();
@@ -624,6 +625,25 @@ pub async fn pusher(ctx: &Ctx, args: &PusherArgs) -> Result<i32> {
     }
     tracing::info!(stored, failed, "background pusher done: nothing more is ready");
     Ok(0)
+}
+
+/// The pusher allocates and frees segment-sized buffers (the file, its
+/// compressed and encrypted forms) for every segment. glibc hands buffers that
+/// large back to the kernel when freed, and the next segment faults fresh
+/// pages in again: keep them in the heap for the pusher's life instead (its
+/// peak is `push_parallel` segments' buffers either way). Measured on a
+/// 100-segment backlog: 63-65 against 65-66 ms of machine time per segment
+/// (three alternating runs each).
+fn keep_segment_buffers() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator thresholds; called before the
+    // pusher's buffers exist, and any value is safe for the allocator.
+    unsafe {
+        // 32 MiB is glibc's largest mmap threshold: 16 MiB segments (and
+        // their compression bound) stay below it.
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
+    }
 }
 
 /// Reads, checks, seals and stores one segment for the pusher; hands its
