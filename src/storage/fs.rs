@@ -123,6 +123,25 @@ fn create_temp(root: &Path, dir: &Path) -> std::io::Result<(std::fs::File, PathB
     }
 }
 
+/// Asks the kernel to drop a file's pages from its cache once they are on
+/// disk. A repository object is not read again soon, and on the database
+/// host its pages would push PostgreSQL's own data out of the cache. (On a
+/// 100-segment archive-push backlog it also took 57-61 against 59-65 ms of
+/// machine time per segment, six alternating runs: within the noise.)
+fn drop_from_page_cache(f: &std::fs::File) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: posix_fadvise only reads the descriptor, which `f` keeps open;
+        // it is advice, and a failure changes nothing but the cache.
+        unsafe {
+            libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = f;
+}
+
 /// Writes `parts` to a fresh temporary file in `dir`, fsynced, and returns its
 /// path. With `root`, creates `dir` if needed (see `create_temp`).
 fn write_temp(root: Option<&Path>, dir: &Path, parts: &mut dyn Iterator<Item = std::io::Result<Bytes>>) -> std::io::Result<PathBuf> {
@@ -137,7 +156,11 @@ fn write_temp(root: Option<&Path>, dir: &Path, parts: &mut dyn Iterator<Item = s
         for part in parts {
             f.write_all(&part?)?;
         }
-        f.sync_all()
+        f.sync_all()?;
+        if root.is_some() {
+            drop_from_page_cache(&f);
+        }
+        Ok(())
     })();
     match result {
         Ok(()) => Ok(tmp),
