@@ -212,10 +212,10 @@ chmod 755 $W/archiver.sh
 
 RESULTS=()
 row() { RESULTS+=("$*"); }
-# `drive NAME COMMAND...`: runs the archiver loop over the backlog; sets DRIVE_TOTAL (ms).
 # Every timed run starts from the same warm machine (scripts/bench-lib.sh):
 # the segments read once, and as much memory touched as the run will fill.
 warm() { warm_files $W/segs; warm_memory $(( (SEGMENTS + 10) * 16 * 1024 * 1024 )); sync; sleep 1; }
+# `drive NAME COMMAND...`: runs the archiver loop over the backlog; sets DRIVE_TOTAL (ms).
 drive() {
   local name=$1; shift
   warm

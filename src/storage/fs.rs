@@ -143,7 +143,9 @@ fn drop_from_page_cache(f: &std::fs::File) {
 }
 
 /// Writes `parts` to a fresh temporary file in `dir`, fsynced, and returns its
-/// path. With `root`, creates `dir` if needed (see `create_temp`).
+/// path. With `root` (a repository object, not a multipart part that is read
+/// back at completion), creates `dir` if needed (see `create_temp`) and drops
+/// the written pages from the page cache.
 fn write_temp(root: Option<&Path>, dir: &Path, parts: &mut dyn Iterator<Item = std::io::Result<Bytes>>) -> std::io::Result<PathBuf> {
     let (mut f, tmp) = match root {
         Some(root) => create_temp(root, dir)?,
