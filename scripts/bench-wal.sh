@@ -5,14 +5,15 @@
 # WV_WAL_LEVEL=3 for the same level as pgBackRest).
 #
 #   latency   archive-push of one segment at a time, no backlog: per-call wall time
-#   backlog   N segments waiting as .ready files, pushed by a loop that plays
-#             PostgreSQL's archiver (one call per segment, in order, .ready ->
-#             .done on success): segments/s
+#   backlog   N segments waiting as .ready files in a copy of the cluster,
+#             drained by PostgreSQL's own archiver running the tool as its
+#             archive_command: segments/s until the last one is .done, the
+#             median of --rounds rounds (3), tools alternating
 #   sync      commit latency of a single-client pgbench with walvault as the
 #             synchronous standby (wal.synchronous), next to no synchronous
 #             standby and to pg_receivewal --synchronous writing to local disk
 #
-#   scripts/bench-wal.sh [--segments N] [--only latency,backlog,sync] [--keep]
+#   scripts/bench-wal.sh [--segments N] [--rounds N] [--only latency,backlog,sync] [--keep]
 #
 # walvault always compresses, encrypts (age) and signs; pgBackRest is run
 # without encryption (its default) and with repo1-cipher-type=aes-256-cbc.
@@ -26,6 +27,7 @@ ROOT=$(pwd)
 . scripts/bench-lib.sh
 
 SEGMENTS=100
+ROUNDS=3
 LATENCY_RUNS=${LATENCY_RUNS:-20}
 # walvault's WAL compression level (compression.wal_level; its default is 1).
 WV_WAL_LEVEL=${WV_WAL_LEVEL:-1}
@@ -35,8 +37,9 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --segments) SEGMENTS=$2; shift 2 ;;
     --only) ONLY=$2; shift 2 ;;
+    --rounds) ROUNDS=$2; shift 2 ;;
     --keep) KEEP=1; shift ;;
-    *) echo "usage: scripts/bench-wal.sh [--segments N] [--only latency,backlog,sync] [--keep]" >&2; exit 2 ;;
+    *) echo "usage: scripts/bench-wal.sh [--segments N] [--rounds N] [--only latency,backlog,sync] [--keep]" >&2; exit 2 ;;
   esac
 done
 want() { case ",$ONLY," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
@@ -171,9 +174,11 @@ BACKLOG_SEGS=$(echo "$ALL" | tail -n $SEGMENTS)
 fresh_fake() {
   rm -rf $W/fake
   PG mkdir -p $W/fake
-  (cd $W/pg && tar --exclude=./pg_wal -cf - .) | PG tar -C $W/fake -xf -
+  (cd $W/pg && tar -cf - .) | PG tar -C $W/fake -xf -
   PG mkdir -p $W/fake/pg_wal/archive_status
+  rm -f $W/fake/pg_wal/archive_status/*.ready
   for s in $BACKLOG_SEGS; do
+    rm -f $W/fake/pg_wal/$s $W/fake/pg_wal/archive_status/$s.done
     PG ln $W/segs/$s $W/fake/pg_wal/$s
     PG touch $W/fake/pg_wal/archive_status/$s.ready
   done
@@ -185,42 +190,41 @@ fresh_repos() {
   chown -R postgres $R/wv-repo
 }
 
-# The archiver's loop, run as the postgres user in the data directory:
-# archive_command per .ready segment in order; .done on success. Prints the
-# wall time of each call in ms, then the total.
-cat > $W/archiver.sh <<'EOF'
-#!/usr/bin/env bash
-# archiver.sh COMMAND... (the segment path is appended)
-set -u
-ms() { date +%s%N | cut -b1-13; }
-start=$(ms)
-for ready in $(ls pg_wal/archive_status | grep '\.ready$' | sort); do
-  seg=${ready%.ready}
-  tries=0
-  until t0=$(ms); "$@" "pg_wal/$seg" >>"$ARCHIVER_LOG" 2>&1; do
-    tries=$((tries + 1))
-    # PostgreSQL's archiver would retry forever; a benchmark gives up.
-    [ $tries -lt 50 ] || { echo "archive_command keeps failing on $seg (see $ARCHIVER_LOG)" >&2; exit 1; }
-    sleep 0.1
-  done
-  echo "call $(( $(ms) - t0 ))"
-  mv "pg_wal/archive_status/$seg.ready" "pg_wal/archive_status/$seg.done"
-done
-echo "total $(( $(ms) - start ))"
-EOF
-chmod 755 $W/archiver.sh
-
 RESULTS=()
 row() { RESULTS+=("$*"); }
 # Every timed run starts from the same warm machine (scripts/bench-lib.sh):
 # the segments read once, and as much memory touched as the run will fill.
 warm() { warm_files $W/segs; warm_memory $(( (SEGMENTS + 10) * 16 * 1024 * 1024 )); sync; sleep 1; }
-# `drive NAME COMMAND...`: runs the archiver loop over the backlog; sets DRIVE_TOTAL (ms).
-drive() {
-  local name=$1; shift
+# `pg_drive NAME 'ARCHIVE_COMMAND'`: PostgreSQL's own archiver drains the
+# backlog. The copy starts with archiving configured off, so the .ready files
+# wait; the command is then set and the configuration reloaded, and the time
+# runs until no .ready file is left (each .done once the command exited 0).
+# Sets DRIVE_TOTAL (ms).
+pg_drive() {
+  local name=$1 cmd=$2
+  fresh_fake
+  PG sh -c "echo \"archive_command = ''\" >> $W/fake/postgresql.conf"
+  PG "$PGBIN/pg_ctl" -D $W/fake -l $W/fake-$name.log -w start >/dev/null
+  local ready; ready=$(ls $W/fake/pg_wal/archive_status | grep -c '\.ready$')
+  [ "$ready" = "$SEGMENTS" ] || { echo "the backlog has $ready ready segments, not $SEGMENTS" >&2; exit 1; }
   warm
-  (cd $W/fake && PG env ARCHIVER_LOG=$W/archiver-$name.log $W/archiver.sh "$@") > $W/calls-$name.txt
-  DRIVE_TOTAL=$(sed -n 's/^total //p' $W/calls-$name.txt)
+  PG sh -c "echo \"archive_command = '$cmd'\" >> $W/fake/postgresql.conf"
+  DRIVE_TOTAL=$(python3 - $W/fake/pg_wal/archive_status "$(id -u)" "$PGBIN/pg_ctl" $W/fake <<'PY'
+import os, subprocess, sys, time
+status, uid, pg_ctl, data = sys.argv[1:5]
+reload = [pg_ctl, "-D", data, "reload"]
+if uid == "0":
+    reload = ["runuser", "-u", "postgres", "--"] + reload
+t0 = time.monotonic()
+subprocess.run(reload, stdout=subprocess.DEVNULL, check=True)
+while any(n.endswith(".ready") for n in os.listdir(status)):
+    if time.monotonic() - t0 > 600:
+        sys.exit("the archiver has not drained the backlog after 600 s")
+    time.sleep(0.01)
+print(int((time.monotonic() - t0) * 1000))
+PY
+) || { echo "archiving did not finish: see $W/fake-$name.log" >&2; exit 1; }
+  PG "$PGBIN/pg_ctl" -D $W/fake -w stop -m fast >/dev/null
 }
 stats() { # file of "call N" lines -> "mean median p95" in ms
   grep '^call ' "$1" | awk '{print $2}' | sort -n | awk '{a[NR]=$1; s+=$1} END {printf "%.0f %.0f %.0f\n", s/NR, a[int((NR+1)/2)], a[int(NR*0.95+0.5)]}'
@@ -266,24 +270,37 @@ if want latency; then
   row "| latency per 16 MiB segment, mean (median, p95) | $wv_mean ms ($wv_med, $wv_p95) | $br_mean ms ($br_med, $br_p95) | $bra_mean ms ($bra_med, $bra_p95) | $(echo "scale=2; $br_mean / $wv_mean" | bc)x faster |"
 fi
 
-# --- backlog: N .ready segments, the archiver loop ---------------------------
+# --- backlog: N .ready segments, PostgreSQL's archiver ----------------------
 if want backlog; then
-  say "backlog: $SEGMENTS segments waiting"
-  fresh_repos; fresh_fake; wv_config $R/wv-repo $R/wv-spool 4
-  drive wv4 $WV; wv4=$DRIVE_TOTAL
-  fresh_repos; fresh_fake; wv_config $R/wv-repo $R/wv-spool 1
-  drive wv1 $WV; wv1=$DRIVE_TOTAL
+  say "backlog: $SEGMENTS segments waiting, $ROUNDS rounds"
+  backlog_run() { # name, walvault push_parallel or pgBackRest repo kind, archive_command
+    fresh_repos
+    case $1 in
+      wv*) wv_config $R/wv-repo $R/wv-spool $2 ;;
+      *) br_repo $2 ;;
+    esac
+    pg_drive $1 "$3"
+    echo "$DRIVE_TOTAL" >> $W/backlog-$1.txt
+  }
+  rm -f $W/backlog-*.txt
+  for r in $(seq "$ROUNDS"); do
+    say "backlog round $r of $ROUNDS"
+    backlog_run wv4 4 "$WV %p"
+    backlog_run bra n "$BR_ASYNC %p"
+    backlog_run wv1 1 "$WV %p"
+    backlog_run brs n "$BR_SYNC %p"
+    backlog_run braa y "$BR_ASYNC_AES %p"
+    backlog_run brsa y "$BR_SYNC_AES %p"
+  done
   wv_config $R/wv-repo $R/wv-spool 4
-  fresh_repos; fresh_fake; br_repo n
-  drive brs $BR_SYNC; brs=$DRIVE_TOTAL
-  fresh_repos; fresh_fake; br_repo n
-  drive bra $BR_ASYNC; bra=$DRIVE_TOTAL
-  fresh_repos; fresh_fake; br_repo y
-  drive brsa $BR_SYNC_AES; brsa=$DRIVE_TOTAL
-  fresh_repos; fresh_fake; br_repo y
-  drive braa $BR_ASYNC_AES; braa=$DRIVE_TOTAL
-  row "| backlog of $SEGMENTS, synchronous (segments/s) | $(rate $wv1) (push_parallel = 1) | $(rate $brs) | $(rate $brsa) | $(echo "scale=2; $brs / $wv1" | bc)x |"
-  row "| backlog of $SEGMENTS, parallel (segments/s) | $(rate $wv4) (push_parallel = 4) | $(rate $bra) (async, process-max 2) | $(rate $braa) (async) | $(echo "scale=2; $bra / $wv4" | bc)x |"
+  # The median round's rate, then every round's.
+  rates() { # name -> "median (r1 / r2 / ...)" in segments/s
+    local all; all=$(while read -r t; do rate "$t"; done < $W/backlog-$1.txt)
+    echo "$(echo "$all" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}') ($(echo "$all" | paste -sd/ | sed 's|/| / |g'))"
+  }
+  med() { sort -n $W/backlog-$1.txt | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+  row "| backlog of $SEGMENTS, synchronous (segments/s) | $(rates wv1) (push_parallel = 1) | $(rates brs) | $(rates brsa) | $(echo "scale=2; $(med brs) / $(med wv1)" | bc)x |"
+  row "| backlog of $SEGMENTS, parallel (segments/s) | $(rates wv4) (push_parallel = 4) | $(rates bra) (async, process-max 2) | $(rates braa) (async) | $(echo "scale=2; $(med bra) / $(med wv4)" | bc)x |"
 fi
 
 # --- sync: commit latency with walvault as the synchronous standby ----------
