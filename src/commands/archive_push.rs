@@ -290,7 +290,7 @@ pub async fn push_batch(
                 let result = match sealed {
                     Ok(s) => {
                         let plain = s.summary.plain_hash.to_hex().to_string();
-                        archive.store_sealed(&s, prev, source).await.map(|o| (o, plain)).map_err(Error::from)
+                        archive.store_sealed(s, prev, source).await.map(|o| (o, plain)).map_err(Error::from)
                     }
                     Err(e) => Err(e),
                 };
@@ -682,7 +682,7 @@ async fn push_one(
             Some(l) => Some(l),
             None => archive.chain_link(&name).await.unwrap_or(None),
         };
-        let outcome = archive.store_sealed(&sealed, link, "archive-push").await?;
+        let outcome = archive.store_sealed(sealed, link, "archive-push").await?;
         Ok::<_, Error>((outcome, plain, file))
     }
     .await;

@@ -671,7 +671,7 @@ impl<'a> Session<'a> {
         let task_name = name.clone();
         let task = tokio::spawn(async move {
             let sealed = archive.seal(&task_name, data).await?;
-            let outcome = archive.store_sealed(&sealed, prev, "stream").await?;
+            let outcome = archive.store_sealed(sealed, prev, "stream").await?;
             crate::crashpoint::crash_point("stream.segment_stored");
             if let Some(p) = partial {
                 let _ = p.await;

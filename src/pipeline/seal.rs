@@ -88,13 +88,21 @@ impl Sealer {
     /// Encrypts data that is already compressed (a blob of zstd frames); returns
     /// the stored bytes and their blake3.
     pub fn encrypt(&self, data: &[u8]) -> Result<(Vec<u8>, blake3::Hash), SealError> {
+        self.encrypt_after(0, data)
+    }
+
+    /// Like `encrypt`, with `headroom` zero bytes in front of the stored bytes
+    /// (the hash covers only the stored bytes), so that a caller can put a
+    /// header there without copying what follows.
+    fn encrypt_after(&self, headroom: usize, data: &[u8]) -> Result<(Vec<u8>, blake3::Hash), SealError> {
         let encryptor = age::Encryptor::with_recipients(self.recipients.iter().map(|r| r as &dyn age::Recipient))
             .map_err(|e| SealError::Encrypt(e.to_string()))?;
-        let mut out = Vec::with_capacity(data.len() + 256 + data.len() / 4096);
+        let mut out = Vec::with_capacity(headroom + data.len() + 256 + data.len() / 4096);
+        out.resize(headroom, 0);
         let mut w = encryptor.wrap_output(&mut out).map_err(SealError::Io)?;
         w.write_all(data).map_err(SealError::Io)?;
         w.finish().map_err(SealError::Io)?;
-        let hash = blake3::hash(&out);
+        let hash = blake3::hash(&out[headroom..]);
         Ok((out, hash))
     }
 
@@ -103,11 +111,21 @@ impl Sealer {
     /// WAL segments the streaming encoder's copies and its sliding-window path
     /// took about a third more CPU time. The frame records its content size.
     pub fn seal_bytes(&self, plain: &[u8]) -> Result<(Vec<u8>, SealSummary), SealError> {
+        self.seal_bytes_after(0, plain)
+    }
+
+    /// Like `seal_bytes`, with the stored bytes after `headroom` zero bytes
+    /// (see `encrypt_after`); the summary describes the stored bytes alone.
+    pub fn seal_bytes_after(&self, headroom: usize, plain: &[u8]) -> Result<(Vec<u8>, SealSummary), SealError> {
         let compressed = zstd::bulk::compress(plain, self.level).map_err(SealError::Io)?;
-        let (stored, stored_hash) = self.encrypt(&compressed)?;
-        let summary =
-            SealSummary { plain_len: plain.len() as u64, plain_hash: blake3::hash(plain), stored_len: stored.len() as u64, stored_hash };
-        Ok((stored, summary))
+        let (out, stored_hash) = self.encrypt_after(headroom, &compressed)?;
+        let summary = SealSummary {
+            plain_len: plain.len() as u64,
+            plain_hash: blake3::hash(plain),
+            stored_len: (out.len() - headroom) as u64,
+            stored_hash,
+        };
+        Ok((out, summary))
     }
 }
 

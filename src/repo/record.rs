@@ -60,13 +60,40 @@ pub struct Header {
 
 /// Frames a record and payload into one object.
 pub fn encode(key: &SigningKey, record: &WalRecord, payload: &[u8]) -> Vec<u8> {
+    let head = header_bytes(key, record);
+    let mut out = Vec::with_capacity(head.len() + payload.len());
+    out.extend_from_slice(&head);
+    out.extend_from_slice(payload);
+    out
+}
+
+/// Room a writer leaves in front of a payload it seals (see `frame`): a
+/// record is well under this unless it lists a long timeline history.
+pub const HEADROOM: usize = 2048;
+
+/// Frames a record and the payload that follows HEADROOM bytes of `buf` into
+/// one object, writing the header into that room instead of copying the
+/// payload (a WAL segment's is megabytes). A header too large for the room
+/// is framed by copying.
+pub fn frame(key: &SigningKey, record: &WalRecord, mut buf: Vec<u8>) -> bytes::Bytes {
+    let head = header_bytes(key, record);
+    match HEADROOM.checked_sub(head.len()) {
+        Some(start) => {
+            buf[start..HEADROOM].copy_from_slice(&head);
+            bytes::Bytes::from(buf).slice(start..)
+        }
+        None => encode(key, record, &buf[HEADROOM..]).into(),
+    }
+}
+
+/// Magic, record length and the signed record.
+fn header_bytes(key: &SigningKey, record: &WalRecord) -> Vec<u8> {
     let body = serde_json::to_vec(record).expect("record serializes");
     let doc = key.sign_document(DOC_KIND, &body);
-    let mut out = Vec::with_capacity(12 + doc.len() + payload.len());
+    let mut out = Vec::with_capacity(12 + doc.len());
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&(doc.len() as u32).to_be_bytes());
     out.extend_from_slice(&doc);
-    out.extend_from_slice(payload);
     out
 }
 
@@ -132,6 +159,26 @@ mod tests {
             created_at: chrono::Utc::now(),
             descriptor_generation: 1,
         }
+    }
+
+    #[test]
+    fn framing_in_the_headroom_makes_the_same_object_as_encoding() {
+        let k = SigningKey::generate();
+        let mut rec = record();
+        let mut buf = vec![0u8; HEADROOM];
+        buf.extend_from_slice(b"hello");
+        let framed = frame(&k, &rec, buf.clone());
+        let (h, payload) = decode(&framed, &k.public(), "x").unwrap();
+        assert_eq!((payload, &h.record), (&b"hello"[..], &rec));
+        assert_eq!(framed.len(), encode(&k, &rec, b"hello").len());
+
+        // A record too large for the room (a long history) is framed by copying.
+        let entry = crate::pg::lsn::HistoryEntry { tli: 1, switch_lsn: crate::pg::lsn::Lsn(0x1000000) };
+        rec.history = Some(vec![entry; 200]);
+        let framed = frame(&k, &rec, buf);
+        let (h, payload) = decode(&framed, &k.public(), "x").unwrap();
+        assert!(h.payload_offset as usize > HEADROOM, "the header did not fit the room");
+        assert_eq!((payload, &h.record), (&b"hello"[..], &rec));
     }
 
     #[test]

@@ -30,7 +30,8 @@ pub enum PushOutcome {
 pub struct SealedWal {
     pub file: String,
     pub summary: SealSummary,
-    pub payload: Vec<u8>,
+    /// record::HEADROOM bytes for the record, then the stored bytes.
+    framing: Vec<u8>,
     /// The switch points of a `.history` file.
     pub history: Option<Vec<HistoryEntry>>,
 }
@@ -126,8 +127,8 @@ impl WalArchive {
                     ),
                     _ => None,
                 };
-                let (payload, summary) = sealer.seal_bytes(&data)?;
-                Ok(SealedWal { file, summary, payload, history })
+                let (framing, summary) = sealer.seal_bytes_after(record::HEADROOM, &data)?;
+                Ok(SealedWal { file, summary, framing, history })
             })
             .await
     }
@@ -160,7 +161,7 @@ impl WalArchive {
 
     /// Stores a sealed WAL file, unless the repository already has it. The same
     /// content is success; other content is an error naming both checksums.
-    pub async fn store_sealed(&self, sealed: &SealedWal, prev: Option<String>, source: &str) -> Result<PushOutcome, RepoError> {
+    pub async fn store_sealed(&self, sealed: SealedWal, prev: Option<String>, source: &str) -> Result<PushOutcome, RepoError> {
         let key = Self::key_of(&sealed.file);
         let plain = sealed.summary.plain_hash.to_hex().to_string();
         // Where the store may ignore If-None-Match, look first (see docs/REPOSITORY.md).
@@ -169,9 +170,9 @@ impl WalArchive {
         {
             return self.compare_existing(&sealed.file, &existing, &plain);
         }
-        let record = self.record_for(sealed, prev, source, None);
-        let object = record::encode(&self.writer().key, &record, &sealed.payload);
-        match self.store.put_if_absent(&key, object.into()).await? {
+        let record = self.record_for(&sealed, prev, source, None);
+        let object = record::frame(&self.writer().key, &record, sealed.framing);
+        match self.store.put_if_absent(&key, object).await? {
             CreateOutcome::Created => Ok(PushOutcome::Stored),
             CreateOutcome::AlreadyExists => {
                 let existing = self
@@ -197,7 +198,7 @@ impl WalArchive {
     /// Seals and stores one file, linking it to its predecessor.
     pub async fn push(&self, file: &str, data: Bytes, source: &str) -> Result<PushOutcome, RepoError> {
         let (sealed, prev) = tokio::try_join!(self.seal(file, data), self.chain_link(file))?;
-        self.store_sealed(&sealed, prev, source).await
+        self.store_sealed(sealed, prev, source).await
     }
 
     /// Stores (replacing) the streamer's copy of a segment in progress; it holds
@@ -205,9 +206,9 @@ impl WalArchive {
     pub async fn put_streaming(&self, segment: &str, data: Bytes, valid_bytes: u64) -> Result<(), RepoError> {
         let sealed = self.seal(segment, data).await?;
         let record = self.record_for(&sealed, None, "stream", Some(valid_bytes));
-        let object = record::encode(&self.writer().key, &record, &sealed.payload);
+        let object = record::frame(&self.writer().key, &record, sealed.framing);
         let key = layout::wal_key(&format!("{segment}{STREAMING_SUFFIX}"));
-        self.store.put(&key, object.into()).await?;
+        self.store.put(&key, object).await?;
         Ok(())
     }
 
