@@ -81,10 +81,10 @@ pub async fn run(ctx: &Ctx, args: &ArchivePushArgs) -> Result<i32> {
     let archive = ctx.wal_writer(store).await?;
     let expected = archive.expected_wal();
     let data = match kind {
-        WalFileKind::Partial => normalized_partial(&archive, &args.path, &name, data, &expected).await?,
+        WalFileKind::Partial => normalized_partial(&archive, &args.path, &name, data.to_vec(), &expected).await?,
         _ => {
             check_file(&name, kind, &data, &expected)?;
-            Bytes::from(data)
+            data
         }
     };
 
@@ -239,9 +239,9 @@ fn backlog(path: &Path, current: &str, max: usize, expected: &ExpectedWal) -> Ve
     ready_after(&wal_dir, current, max)
         .into_iter()
         .filter_map(|n| {
-            let data = std::fs::read(wal_dir.join(&n)).ok()?;
+            let (data, _) = read_wal_file(&wal_dir.join(&n)).ok()?;
             check_file(&n, WalFileKind::Segment, &data, expected).ok()?;
-            Some((n, Bytes::from(data)))
+            Some((n, data))
         })
         .collect()
 }
@@ -385,13 +385,14 @@ impl std::fmt::Display for FileIdentity {
 /// The file archive-push was given, read at most once, when needed.
 struct Content<'a> {
     path: &'a Path,
-    data: Option<Vec<u8>>,
+    data: Option<Bytes>,
 }
 
 impl Content<'_> {
     fn read(&mut self) -> Result<&[u8]> {
         if self.data.is_none() {
-            self.data = Some(std::fs::read(self.path).with_context(|| format!("cannot read {}", self.path.display()))?);
+            let (data, _) = read_wal_file(self.path).with_context(|| format!("cannot read {}", self.path.display()))?;
+            self.data = Some(data);
         }
         Ok(self.data.as_deref().expect("just read"))
     }
@@ -405,7 +406,7 @@ impl Content<'_> {
         Ok(marker.plain == blake3::hash(self.read()?).to_hex().as_str())
     }
 
-    fn take(mut self) -> Result<Vec<u8>> {
+    fn take(mut self) -> Result<Bytes> {
         self.read()?;
         Ok(self.data.take().expect("just read"))
     }
@@ -657,14 +658,8 @@ async fn push_one(
     expected: ExpectedWal,
 ) -> (String, Result<(PushOutcome, String, FileIdentity)>) {
     let result = async {
-        let (data, file) = tokio::task::spawn_blocking(move || -> std::io::Result<(Bytes, FileIdentity)> {
-            // The identity and the bytes come from the same open file.
-            let f =
-                std::fs::File::open(&path).map_err(|e| std::io::Error::new(e.kind(), format!("cannot read {}: {e}", path.display())))?;
-            let meta = f.metadata()?;
-            let data = MappedSegment::map(&f, meta.len())
-                .map_err(|e| std::io::Error::new(e.kind(), format!("cannot read {}: {e}", path.display())))?;
-            Ok((Bytes::from_owner(data), FileIdentity::from_metadata(&meta)))
+        let (data, file) = tokio::task::spawn_blocking(move || {
+            read_wal_file(&path).map_err(|e| std::io::Error::new(e.kind(), format!("cannot read {}: {e}", path.display())))
         })
         .await
         .map_err(|e| Error::failed(format!("reading a segment stopped: {e}")))??;
@@ -688,14 +683,30 @@ async fn push_one(
     (name, result)
 }
 
-/// A ready segment mapped read-only: sealing reads it straight from the page
-/// cache instead of copying 16 MiB into the heap first (that copy was about a
-/// tenth of the pusher's time per segment; 6% more segments/s without it).
-/// PostgreSQL neither writes nor truncates a segment that waits for
-/// archiving. It recycles one (renames and overwrites it) only after
-/// archive-push has reported it stored, so the repository holds it by then:
-/// a pusher still sealing it finds the object there and, should what it
-/// read differ, refuses to replace it (the store's create-if-absent).
+/// A WAL file's bytes and the identity of the file they were read from (the
+/// same open file): mapped (see MappedSegment), or read where the file
+/// system cannot map it.
+fn read_wal_file(path: &Path) -> std::io::Result<(Bytes, FileIdentity)> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let meta = f.metadata()?;
+    let identity = FileIdentity::from_metadata(&meta);
+    if let Ok(mapped) = MappedSegment::map(&f, meta.len()) {
+        return Ok((Bytes::from_owner(mapped), identity));
+    }
+    let mut data = Vec::with_capacity(meta.len() as usize);
+    f.read_to_end(&mut data)?;
+    Ok((Bytes::from(data), identity))
+}
+
+/// A WAL file mapped read-only: sealing reads it straight from the page cache
+/// instead of copying 16 MiB into the heap first (that copy was about a tenth
+/// of the pusher's time per segment; 6% more segments/s without it).
+/// PostgreSQL neither writes nor truncates a file that waits for archiving.
+/// It recycles a segment (renames and overwrites it) only after archive-push
+/// has reported it stored, so the repository holds it by then: a pusher
+/// still sealing it finds the object there and, should what it read differ,
+/// refuses to replace it (the store's create-if-absent).
 struct MappedSegment {
     ptr: *mut libc::c_void,
     len: usize,
