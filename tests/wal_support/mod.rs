@@ -254,10 +254,13 @@ pub fn segment_of(tli: u32, lsn: &str) -> String {
     walvault::pg::lsn::WalSegmentName::of_lsn(tli, l, SEG).to_string()
 }
 
-/// Waits until the cluster's archiver has archived everything up to the
-/// current segment (after a switch).
+/// Waits until the cluster's archiver has archived everything written so
+/// far (callers switch first). It switches again: WAL written after the
+/// caller's switch (a checkpoint's record, say) would otherwise leave the
+/// last segment unfinished, and never archived. With nothing written since,
+/// the switch does nothing and names the caller's segment.
 pub fn wait_archived(pg: &PgCluster) {
-    let last = pg.psql("select pg_walfile_name(pg_current_wal_lsn() - 1)");
+    let last = pg.psql("select pg_walfile_name(pg_switch_wal())");
     wait_archived_upto(pg, &last);
 }
 
