@@ -263,4 +263,12 @@ impl Command {
     pub fn needs_config(&self) -> bool {
         !matches!(self, Command::Keygen(_) | Command::Completions(_) | Command::Man)
     }
+
+    /// Whether the command runs on a single-threaded runtime: archive-push is
+    /// started once per WAL segment and mostly waits (for the background
+    /// pusher, or for its CPU-pool work), so worker threads it would start and
+    /// stop every time cost more than they give.
+    pub fn single_threaded(&self) -> bool {
+        matches!(self, Command::ArchivePush(_))
+    }
 }

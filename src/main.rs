@@ -7,7 +7,12 @@ fn main() {
     limit_malloc_arenas();
     let cli = Cli::parse();
     walvault::logging::init(cli.log_format, cli.verbose, cli.quiet);
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let mut builder = if cli.command.single_threaded() {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    let runtime = builder.enable_all().build().expect("tokio runtime");
     let code = match runtime.block_on(walvault::commands::run(cli)) {
         Ok(code) => code,
         Err(e) => {
