@@ -684,14 +684,14 @@ async fn push_one(
 }
 
 /// A WAL file's bytes and the identity of the file they were read from (the
-/// same open file): mapped (see MappedSegment), or read where the file
+/// same open file): mapped (see MappedFile), or read where the file
 /// system cannot map it.
 fn read_wal_file(path: &Path) -> std::io::Result<(Bytes, FileIdentity)> {
     use std::io::Read;
     let mut f = std::fs::File::open(path)?;
     let meta = f.metadata()?;
     let identity = FileIdentity::from_metadata(&meta);
-    if let Ok(mapped) = MappedSegment::map(&f, meta.len()) {
+    if let Ok(mapped) = MappedFile::map(&f, meta.len()) {
         return Ok((Bytes::from_owner(mapped), identity));
     }
     let mut data = Vec::with_capacity(meta.len() as usize);
@@ -707,22 +707,20 @@ fn read_wal_file(path: &Path) -> std::io::Result<(Bytes, FileIdentity)> {
 /// has reported it stored, so the repository holds it by then: a pusher
 /// still sealing it finds the object there and, should what it read differ,
 /// refuses to replace it (the store's create-if-absent).
-struct MappedSegment {
+struct MappedFile {
     ptr: *mut libc::c_void,
     len: usize,
 }
 
 // SAFETY: the mapping is read-only and owned by this value alone.
-unsafe impl Send for MappedSegment {}
-unsafe impl Sync for MappedSegment {}
+unsafe impl Send for MappedFile {}
+unsafe impl Sync for MappedFile {}
 
-impl MappedSegment {
-    fn map(file: &std::fs::File, len: u64) -> std::io::Result<MappedSegment> {
+impl MappedFile {
+    fn map(file: &std::fs::File, len: u64) -> std::io::Result<MappedFile> {
         use std::os::fd::AsRawFd;
+        // An empty file cannot be mapped (EINVAL): it is read instead.
         let len = usize::try_from(len).map_err(|_| std::io::Error::other("file too large to map"))?;
-        if len == 0 {
-            return Ok(MappedSegment { ptr: std::ptr::null_mut(), len: 0 });
-        }
         // SAFETY: a fresh private read-only mapping of an open file; the
         // kernel chooses the address. MAP_POPULATE maps every page at once.
         let ptr =
@@ -730,27 +728,22 @@ impl MappedSegment {
         if ptr == libc::MAP_FAILED {
             return Err(std::io::Error::last_os_error());
         }
-        Ok(MappedSegment { ptr, len })
+        Ok(MappedFile { ptr, len })
     }
 }
 
-impl AsRef<[u8]> for MappedSegment {
+impl AsRef<[u8]> for MappedFile {
     fn as_ref(&self) -> &[u8] {
-        if self.len == 0 {
-            return &[];
-        }
         // SAFETY: ptr maps len readable bytes for as long as self lives.
         unsafe { std::slice::from_raw_parts(self.ptr as *const u8, self.len) }
     }
 }
 
-impl Drop for MappedSegment {
+impl Drop for MappedFile {
     fn drop(&mut self) {
-        if self.len > 0 {
-            // SAFETY: unmaps exactly the mapping made in `map`, once.
-            unsafe {
-                libc::munmap(self.ptr, self.len);
-            }
+        // SAFETY: unmaps exactly the mapping made in `map`, once.
+        unsafe {
+            libc::munmap(self.ptr, self.len);
         }
     }
 }

@@ -265,22 +265,16 @@ pub fn wait_archived(pg: &PgCluster) {
 }
 
 /// Waits until the cluster's archiver has archived `last` (and so all before it).
-/// On a timeout it panics with the server log's tail, where archive-push's
+/// On a timeout it reports the server log's tail too, where archive-push's
 /// own log lines are.
 pub fn wait_archived_upto(pg: &PgCluster, last: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
+    wait_for(&format!("PostgreSQL to archive {last}"), Duration::from_secs(60), || {
         let r = pg.psql("select coalesce(last_archived_wal, ''), coalesce(last_failed_wal, '') from pg_stat_archiver");
         let (archived, failed) = r.split_once('|').unwrap();
         if archived >= last {
-            return;
+            Ok(())
+        } else {
+            Err(format!("archived {archived:?}, last failed {failed:?}\nserver log tail:\n{}", pg.log_tail()))
         }
-        if Instant::now() > deadline {
-            panic!(
-                "timed out after 60s waiting for PostgreSQL to archive {last}: archived {archived:?}, last failed {failed:?}\nserver log tail:\n{}",
-                pg.log_tail()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    });
 }
