@@ -245,6 +245,24 @@ fn backlog_is_pushed_ahead_and_never_acknowledged_early() {
     );
 }
 
+/// The call for the last segment of a backlog (nothing ready after it) waits
+/// for the pusher already sealing that segment instead of sealing it a second
+/// time. The pusher's last store (of 16) is slowed, so it is still at the
+/// last segment when PostgreSQL asks for it.
+#[test]
+fn the_end_of_a_backlog_is_sealed_once() {
+    let run = archive_a_backlog(&[("WALVAULT_TEST_FAULTS", "put_if_absent:16:delay=2000")], &[]);
+    run.assert_nothing_acknowledged_early();
+    for m in &run.made {
+        assert!(
+            run.log.contains(&format!("{m} archived by the background pusher (blake3 "))
+                || run.log.contains(&format!("{m} was already archived by an earlier call (blake3 ")),
+            "{m} was sealed by its call, not (only) by the background pusher:\n{}",
+            run.log
+        );
+    }
+}
+
 /// The background pusher killed (like kill -9) between storing a segment and
 /// writing its marker, again and again: the calls take over, and still
 /// nothing is acknowledged before it is stored or lost.

@@ -61,11 +61,16 @@ pub async fn run(ctx: &Ctx, args: &ArchivePushArgs) -> Result<i32> {
 
     if kind == WalFileKind::Segment && ctx.config.wal.push_parallel > 1 {
         let wal_dir = wal_dir_of(&args.path);
+        // With more ready after this one, the pusher is (or is started) at
+        // the backlog. At its end, it may already be sealing this segment:
+        // wait for it rather than seal the segment a second time, but start
+        // no pusher for a segment that is alone.
+        let spawn = !ready_after(&wal_dir, &name, 1).is_empty();
         // A marker here that did not answer above (other content, or the
         // object is gone) is one the pusher would skip: no use waiting for it.
-        if !ready_after(&wal_dir, &name, 1).is_empty()
+        if (spawn || pusher_taken(&markers, &name))
             && read_marker(&markers, &name).is_none()
-            && let Some(marker) = wait_for_pusher(ctx, &markers, &wal_dir, &name).await
+            && let Some(marker) = wait_for_pusher(ctx, &markers, &wal_dir, &name, spawn).await
             && content.is_in(&marker, identity.as_ref())?
             && store.head(&WalArchive::key_of(&name)).await?.is_some()
         {
@@ -448,10 +453,11 @@ fn write_marker(dir: &Path, name: &str, plain: &str, ahead: bool, file: Option<&
 
 /// Markers of segments before `current` are no longer needed: PostgreSQL
 /// archives in order. `current`'s stays, for the next segment's chain link.
+/// So do the pusher's notes on them (left by a pusher that died).
 fn prune_markers(dir: &Path, current: &str) {
     let Ok(entries) = std::fs::read_dir(dir) else { return };
     for e in entries.flatten() {
-        if let Some(n) = e.file_name().to_str().and_then(|n| n.strip_suffix(".ok"))
+        if let Some(n) = e.file_name().to_str().and_then(|n| [".ok", ".taken", ".failed"].iter().find_map(|s| n.strip_suffix(s)))
             && n < current
         {
             let _ = std::fs::remove_file(e.path());
@@ -472,6 +478,18 @@ const PUSHER_LOCK: &str = "pusher.lock";
 /// stores it itself at once instead of waiting out PUSHER_WAIT.
 fn failed_path(dir: &Path, name: &str) -> PathBuf {
     dir.join(format!("{name}.failed"))
+}
+
+/// Marks a segment the pusher has taken and is sealing or storing; gone once
+/// its marker (or its `.failed`) is written.
+fn taken_path(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("{name}.taken"))
+}
+
+/// Whether a running pusher has taken `name` (a `.taken` left by a pusher
+/// that died does not count).
+fn pusher_taken(dir: &Path, name: &str) -> bool {
+    taken_path(dir, name).exists() && pusher_running(dir)
 }
 
 /// The pusher's lock, taken without waiting. It lasts as long as the file
@@ -498,9 +516,9 @@ fn pusher_running(dir: &Path) -> bool {
     matches!(try_pusher_lock(dir), PusherLock::Busy)
 }
 
-/// Waits for the background pusher (started here if none runs) to store
-/// `name`; returns its marker. None when this call must store it itself.
-async fn wait_for_pusher(ctx: &Ctx, markers: &Path, wal_dir: &Path, name: &str) -> Option<Marker> {
+/// Waits for the background pusher (started here if none runs and `spawn`)
+/// to store `name`; returns its marker. None when this call must store it itself.
+async fn wait_for_pusher(ctx: &Ctx, markers: &Path, wal_dir: &Path, name: &str, spawn: bool) -> Option<Marker> {
     let started = Instant::now();
     let mut spawned: Option<Instant> = None;
     let mut seen_running = false;
@@ -524,7 +542,7 @@ async fn wait_for_pusher(ctx: &Ctx, markers: &Path, wal_dir: &Path, name: &str) 
         };
         if busy {
             seen_running = true;
-        } else if seen_running || spawned.is_some_and(|at| at.elapsed() > PUSHER_START) {
+        } else if seen_running || !spawn || spawned.is_some_and(|at| at.elapsed() > PUSHER_START) {
             // It ended (or died, or never got going) without this segment.
             return None;
         } else if spawned.is_none() {
@@ -593,6 +611,7 @@ pub async fn pusher(ctx: &Ctx, args: &PusherArgs) -> Result<i32> {
                     last = Some((name, Link::Known(Some(m.plain))));
                     continue;
                 }
+                let _ = std::fs::write(taken_path(&markers, &name), b"");
                 let (tx, rx) = tokio::sync::oneshot::channel();
                 last = Some((name.clone(), Link::Pending(rx.shared())));
                 in_flight.push(push_one(archive.clone(), args.wal_dir.join(&name), name, link, tx, expected));
@@ -614,11 +633,13 @@ pub async fn pusher(ctx: &Ctx, args: &PusherArgs) -> Result<i32> {
             Some((name, Ok((_, plain, file)))) => {
                 crate::crashpoint::crash_point("archive_push.stored");
                 write_marker(&markers, &name, &plain, true, Some(&file));
+                let _ = std::fs::remove_file(taken_path(&markers, &name));
                 stored += 1;
             }
             Some((name, Err(e))) => {
                 tracing::warn!("the background pusher could not store {name} (archive-push will try it itself): {e}");
                 let _ = std::fs::write(failed_path(&markers, &name), format!("{e}\n"));
+                let _ = std::fs::remove_file(taken_path(&markers, &name));
                 failed += 1;
             }
             None => {}
