@@ -301,6 +301,12 @@ if want backlog; then
   med() { sort -n $W/backlog-$1.txt | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
   row "| backlog of $SEGMENTS, synchronous (segments/s) | $(rates wv1) (push_parallel = 1) | $(rates brs) | $(rates brsa) | $(echo "scale=2; $(med brs) / $(med wv1)" | bc)x |"
   row "| backlog of $SEGMENTS, parallel (segments/s) | $(rates wv4) (push_parallel = 4) | $(rates bra) (async, process-max 2) | $(rates braa) (async) | $(echo "scale=2; $(med bra) / $(med wv4)" | bc)x |"
+  # Each round runs the tools back to back: a round's ratio is the least
+  # exposed to this machine's drift from one minute to the next.
+  per_round() { # walvault name, pgBackRest name -> "r1 / r2 / ..."
+    paste -d' ' $W/backlog-$1.txt $W/backlog-$2.txt | awk '{printf "%s%.2fx", (NR > 1 ? " / " : ""), $2 / $1}'
+  }
+  ROUND_NOTE="Per round (walvault and pgBackRest back to back), walvault's backlog rate over pgBackRest's: synchronous $(per_round wv1 brs); parallel $(per_round wv4 bra); parallel against encrypting pgBackRest $(per_round wv4 braa)."
 fi
 
 # --- sync: commit latency with walvault as the synchronous standby ----------
@@ -355,6 +361,7 @@ OUT=bench-results/wal-$(date -u +%Y%m%dT%H%M%SZ).md
     printf '%s\n' "${RESULTS[@]}"
     echo
     echo "Ratios: pgBackRest's time over walvault's (latency), walvault's rate over pgBackRest's (backlog), unencrypted pgBackRest."
+    [ -n "${ROUND_NOTE:-}" ] && { echo; echo "$ROUND_NOTE"; }
   fi
   if [ -n "${SYNC_ROWS+x}" ]; then
     echo
