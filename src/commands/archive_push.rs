@@ -633,6 +633,8 @@ pub async fn pusher(ctx: &Ctx, args: &PusherArgs) -> Result<i32> {
             Some((name, Ok((_, plain, file)))) => {
                 crate::crashpoint::crash_point("archive_push.stored");
                 write_marker(&markers, &name, &plain, true, Some(&file));
+                // Only now: with neither note nor marker, a call at the
+                // frontier would seal the segment itself.
                 let _ = std::fs::remove_file(taken_path(&markers, &name));
                 stored += 1;
             }
