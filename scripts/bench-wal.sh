@@ -8,7 +8,9 @@
 #   backlog   N segments waiting as .ready files in a copy of the cluster,
 #             drained by PostgreSQL's own archiver running the tool as its
 #             archive_command: segments/s until the last one is .done, the
-#             median of --rounds rounds (3), tools alternating
+#             median of --rounds rounds (3), tools alternating; walvault
+#             both as archive_command and through its archive module
+#             (archive_library = 'walvault', pgext/)
 #   sync      commit latency of a single-client pgbench with walvault as the
 #             synchronous standby (wal.synchronous), next to no synchronous
 #             standby and to pg_receivewal --synchronous writing to local disk
@@ -52,6 +54,8 @@ command -v pgbackrest >/dev/null || missing+=(pgbackrest)
 command -v bc >/dev/null || missing+=(bc)
 command -v python3 >/dev/null || missing+=(python3)
 [ -x "$PGBIN/postgres" ] || missing+=(postgresql-15)
+[ -f /usr/include/postgresql/15/server/postgres.h ] || missing+=(postgresql-server-dev-15)
+command -v make >/dev/null || missing+=(make)
 if [ ${#missing[@]} -gt 0 ]; then
   say "installing ${missing[*]}"
   as_root apt-get update -qq
@@ -80,7 +84,11 @@ cleanup start
 trap cleanup EXIT
 mkdir -p $W/segs $R
 cp target/release/walvault $W/walvault
-chmod 755 $W $W/walvault
+say "building the archive module (pgext/)"
+mkdir -p $W/pgext
+cp pgext/walvault.c pgext/Makefile $W/pgext/
+make -s -C $W/pgext PG_CONFIG="$PGBIN/pg_config" >/dev/null
+chmod 755 $W $W/walvault $W/pgext $W/pgext/walvault.so
 chown postgres $W $W/segs $R 2>/dev/null || true
 PSQL() { PG "$PGBIN/psql" -X -Atq -h $W -p $PORT -U postgres -d postgres -c "$1"; }
 ms() { date +%s%N | cut -b1-13; }
@@ -199,16 +207,20 @@ warm() { warm_files $W/segs; warm_memory $(( (SEGMENTS + 10) * 16 * 1024 * 1024 
 # backlog. The copy starts with archiving configured off, so the .ready files
 # wait; the command is then set and the configuration reloaded, and the time
 # runs until no .ready file is left (each .done once the command exited 0).
+# `pg_drive NAME module` sets walvault's archive module instead.
 # Sets DRIVE_TOTAL (ms).
 pg_drive() {
-  local name=$1 cmd=$2
+  local name=$1 cmd=$2 setting
+  setting="archive_command = '$cmd'"
+  [ "$cmd" = module ] && setting="archive_library = '$W/pgext/walvault.so'
+walvault.command = '$W/walvault --config $W/walvault.toml -q'"
   fresh_fake
   PG sh -c "echo \"archive_command = ''\" >> $W/fake/postgresql.conf"
   PG "$PGBIN/pg_ctl" -D $W/fake -l $W/fake-$name.log -w start >/dev/null
   local ready; ready=$(ls $W/fake/pg_wal/archive_status | grep -c '\.ready$')
   [ "$ready" = "$SEGMENTS" ] || { echo "the backlog has $ready ready segments, not $SEGMENTS" >&2; exit 1; }
   warm
-  PG sh -c "echo \"archive_command = '$cmd'\" >> $W/fake/postgresql.conf"
+  echo "$setting" | PG sh -c "cat >> $W/fake/postgresql.conf"
   DRIVE_TOTAL=$(python3 - $W/fake/pg_wal/archive_status "$(id -u)" "$PGBIN/pg_ctl" $W/fake <<'PY'
 import os, subprocess, sys, time
 status, uid, pg_ctl, data = sys.argv[1:5]
@@ -286,6 +298,7 @@ if want backlog; then
   for r in $(seq "$ROUNDS"); do
     say "backlog round $r of $ROUNDS"
     backlog_run wv4 4 "$WV %p"
+    backlog_run wvm 4 module
     backlog_run bra n "$BR_ASYNC %p"
     backlog_run wv1 1 "$WV %p"
     backlog_run brs n "$BR_SYNC %p"
@@ -301,12 +314,13 @@ if want backlog; then
   med() { sort -n $W/backlog-$1.txt | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
   row "| backlog of $SEGMENTS, synchronous (segments/s) | $(rates wv1) (push_parallel = 1) | $(rates brs) | $(rates brsa) | $(echo "scale=2; $(med brs) / $(med wv1)" | bc)x |"
   row "| backlog of $SEGMENTS, parallel (segments/s) | $(rates wv4) (push_parallel = 4) | $(rates bra) (async, process-max 2) | $(rates braa) (async) | $(echo "scale=2; $(med bra) / $(med wv4)" | bc)x |"
+  row "| backlog of $SEGMENTS, parallel, walvault's archive module (segments/s) | $(rates wvm) (archive_library, push_parallel = 4) | $(rates bra) (async, process-max 2) | $(rates braa) (async) | $(echo "scale=2; $(med bra) / $(med wvm)" | bc)x |"
   # Each round runs the tools back to back: a round's ratio is the least
   # exposed to this machine's drift from one minute to the next.
   per_round() { # walvault name, pgBackRest name -> "r1 / r2 / ..."
     paste -d' ' $W/backlog-$1.txt $W/backlog-$2.txt | awk '{printf "%s%.2fx", (NR > 1 ? " / " : ""), $2 / $1}'
   }
-  ROUND_NOTE="Per round (walvault and pgBackRest back to back), walvault's backlog rate over pgBackRest's: synchronous $(per_round wv1 brs); parallel $(per_round wv4 bra); parallel against encrypting pgBackRest $(per_round wv4 braa)."
+  ROUND_NOTE="Per round (walvault and pgBackRest back to back), walvault's backlog rate over pgBackRest's: synchronous $(per_round wv1 brs); parallel $(per_round wv4 bra); parallel against encrypting pgBackRest $(per_round wv4 braa); archive module $(per_round wvm bra), against encrypting pgBackRest $(per_round wvm braa)."
 fi
 
 # --- sync: commit latency with walvault as the synchronous standby ----------

@@ -28,6 +28,9 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 # --- system packages -------------------------------------------------------
 missing=()
 [ -x /usr/lib/postgresql/15/bin/postgres ] || missing+=(postgresql-15)
+# Server headers and make, to build the archive module (pgext/) in the tests.
+[ -f /usr/include/postgresql/15/server/postgres.h ] || missing+=(postgresql-server-dev-15)
+command -v make >/dev/null || missing+=(make)
 command -v openssl >/dev/null || missing+=(openssl)
 command -v pip3 >/dev/null || missing+=(python3-pip)
 python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)

@@ -61,6 +61,9 @@ pub enum Command {
     /// Store one WAL file; for archive_command = 'walvault archive-push %p'.
     #[command(name = "archive-push")]
     ArchivePush(ArchivePushArgs),
+    /// Serve archive-push to the walvault archive module (archive_library = 'walvault', PostgreSQL 15+); started by the module.
+    #[command(name = "archive-server")]
+    ArchiveServer,
     /// Fetch one WAL file; for restore_command = 'walvault archive-get %f %p' (exit 1: not in the repository).
     #[command(name = "archive-get")]
     ArchiveGet(ArchiveGetArgs),
@@ -267,8 +270,9 @@ impl Command {
     /// Whether the command runs on a single-threaded runtime: archive-push is
     /// started once per WAL segment and mostly waits (for the background
     /// pusher, or for its CPU-pool work), so worker threads it would start and
-    /// stop every time cost more than they give.
+    /// stop every time cost more than they give. The archive server runs
+    /// archive-push's code, tuned for that runtime.
     pub fn single_threaded(&self) -> bool {
-        matches!(self, Command::ArchivePush(_))
+        matches!(self, Command::ArchivePush(_) | Command::ArchiveServer)
     }
 }

@@ -156,3 +156,43 @@ fn md5_login_works_and_the_deprecation_warning_is_shown() {
         assert!(!err.contains("deprecates MD5"), "no deprecation before 18: {err}");
     }
 }
+
+/// The archive module (pgext/), built for this server (its API differs
+/// between 15 and 16+): PostgreSQL's archiver hands it segments, and each
+/// arrives in the repository as PostgreSQL wrote it. Archive modules start
+/// with PostgreSQL 15; older servers use archive_command.
+#[test]
+fn the_archive_module_archives_on_this_version() {
+    let pg = PgCluster::start(PgOptions::new().guc("archive_mode", "on").guc("walvault.command", "'/bin/false'"));
+    if pg.major() < 15 {
+        eprintln!("PostgreSQL {} has no archive modules", pg.major());
+        return;
+    }
+    let mut pg = pg;
+    pg.set_guc_restart("archive_library", &common::pg::archive_module().display().to_string());
+    let env = Env::new(&pg);
+    env.run_ok(&["init"]);
+    pg.set_guc("walvault.command", &env.archive_command().replace(" archive-push %p", ""));
+
+    let mut names = Vec::new();
+    for i in 0..3 {
+        pg.psql(&format!("create table if not exists t(x int); insert into t select generate_series(1, 1000 * {})", i + 1));
+        names.push(pg.psql("select pg_walfile_name(pg_current_wal_lsn())"));
+        pg.psql("select pg_switch_wal()");
+    }
+    let last = names.last().unwrap().clone();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while pg.psql("select coalesce(last_archived_wal, '') from pg_stat_archiver") < last {
+        assert!(Instant::now() < deadline, "PostgreSQL {} did not archive {last} through the module:\n{}", pg.major(), pg.log_tail());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let got = env.new_dir("got");
+    for name in &names {
+        let dest = got.join(name);
+        env.run_ok(&["archive-get", name, dest.to_str().unwrap()]);
+        let wrote = std::fs::read(pg.data_dir().join("pg_wal").join(name)).unwrap();
+        assert!(std::fs::read(&dest).unwrap() == wrote, "PostgreSQL {}: {name} differs from what it wrote", pg.major());
+    }
+    let log = std::fs::read_to_string(pg.log_file()).unwrap();
+    assert!(log.contains("walvault: started the archive server (pid "), "{log}");
+}

@@ -10,8 +10,8 @@ mod wal_support;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::env::{Env, chown_tree, stderr};
-use common::pg::{PgCluster, PgOptions};
+use common::env::{Env, chown_tree, stderr, stdout};
+use common::pg::{PgCluster, PgOptions, archive_module, quote_literal};
 use common::s3::S3Server;
 use wal_support::*;
 
@@ -286,6 +286,103 @@ fn a_backlog_with_an_unwritable_spool_is_archived_by_the_calls() {
     run.assert_nothing_acknowledged_early();
     assert!(run.log.contains("cannot hold the background pusher's lock"), "{}", run.log);
     assert!(started.elapsed() < Duration::from_secs(50), "the calls waited for a pusher that cannot run: {:?}", started.elapsed());
+}
+
+/// The archive module (`archive_library = 'walvault'`, pgext/): while
+/// walvault.command cannot run walvault, PostgreSQL keeps the backlog and the
+/// log says why; once it can, one archive server stores the whole backlog,
+/// byte for byte, through the background pusher. Injected store failures are
+/// reported and retried; a killed server is replaced at the next file; the
+/// server leaves with PostgreSQL.
+#[test]
+fn the_archive_module_archives_through_one_long_lived_server() {
+    let module = archive_module();
+    let mut pg = PgCluster::start(
+        small_segments()
+            .guc("archive_mode", "on")
+            .guc("archive_library", &quote_literal(&module.display().to_string()))
+            .guc("walvault.command", "'/bin/false'")
+            // The second and third stores fail in each walvault process: the
+            // pusher's, which the server then stores itself, and the server's
+            // own, which PostgreSQL is told of and retries.
+            .server_env("WALVAULT_TEST_FAULTS", "put_if_absent:2-3:enospc"),
+    );
+    let env = Env::builder(&pg).set("wal.push_parallel", "4").build();
+    env.run_ok(&["init"]);
+
+    let mut made = Vec::new();
+    for _ in 0..12 {
+        made.push(complete_a_segment(&pg));
+    }
+    wait_for("the module to report that walvault.command does not run walvault", Duration::from_secs(30), || {
+        let log = std::fs::read_to_string(pg.log_file()).unwrap();
+        match log.contains("walvault: the archive server (pid ") && log.contains("check walvault.command") {
+            true => Ok(()),
+            false => Err(pg.log_tail()),
+        }
+    });
+    assert_eq!(
+        pg.psql("select last_archived_wal is null from pg_stat_archiver"),
+        "t",
+        "something was archived while walvault.command was /bin/false"
+    );
+
+    let command = env.archive_command().replace(" archive-push %p", "");
+    pg.set_guc("walvault.command", &command);
+    wait_archived(&pg);
+    for name in &made {
+        let data = std::fs::read(pg.data_dir().join("pg_wal").join(name)).unwrap();
+        assert_eq!(fetch(&env, name).as_deref(), Some(data.as_slice()), "{name}");
+    }
+    let log = std::fs::read_to_string(pg.log_file()).unwrap();
+    let started = format!("): exec {command} archive-server");
+    assert_eq!(log.matches(&started).count(), 1, "the backlog did not go through one server:\n{log}");
+    assert!(log.contains(" archived by the background pusher (blake3 "), "the backlog was not pushed ahead:\n{log}");
+    assert!(
+        log.contains("walvault: could not archive \"") && log.contains("(archive-push exit code "),
+        "no injected store failure was reported through the module:\n{log}"
+    );
+
+    // check recognizes the module, and WAL it switches arrives through it.
+    let out = env.run(&["check", "--wait", "60s"]);
+    let report = stdout(&out);
+    assert!(out.status.success(), "{report}{}", stderr(&out));
+    let expected = format!("ok    archive_library: {}: walvault's archive module, running {command} archive-server", module.display());
+    assert!(report.contains(&expected), "{report}");
+
+    // A killed server is replaced at the next file; nothing is lost.
+    let pid = server_pid(&log, &started);
+    nix_kill9(pid);
+    let more: Vec<String> = (0..3).map(|_| complete_a_segment(&pg)).collect();
+    wait_archived(&pg);
+    for name in &more {
+        let data = std::fs::read(pg.data_dir().join("pg_wal").join(name)).unwrap();
+        assert_eq!(fetch(&env, name).as_deref(), Some(data.as_slice()), "{name}");
+    }
+    let log = std::fs::read_to_string(pg.log_file()).unwrap();
+    assert_eq!(log.matches(&started).count(), 2, "the killed server was not replaced:\n{log}");
+
+    // The server leaves with the archiver.
+    let pid = server_pid(&log, &started);
+    pg.stop();
+    wait_for("the archive server to leave with PostgreSQL", Duration::from_secs(10), || {
+        match Path::new(&format!("/proc/{pid}")).exists() {
+            true => Err(format!("pid {pid} still runs")),
+            false => Ok(()),
+        }
+    });
+}
+
+/// The pid in the last "started the archive server (pid N)" line for `started`.
+fn server_pid(log: &str, started: &str) -> i32 {
+    let line = log.lines().rfind(|l| l.contains(started)).expect("a started line");
+    let rest = &line[line.find("(pid ").expect("a pid") + 5..];
+    rest[..rest.find(')').unwrap()].parse().unwrap()
+}
+
+fn nix_kill9(pid: i32) {
+    // SAFETY: sends a signal; the pid is the server's, a child of the archiver.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0, "kill -9 {pid}");
 }
 
 #[test]

@@ -29,8 +29,15 @@ use crate::pg::lsn::{HistoryEntry, WalFileKind, WalSegmentName, classify_wal_fil
 use crate::pg::walheader::{self, ExpectedWal};
 use crate::repo::RepoError;
 use crate::repo::wal::{PushOutcome, SealedWal, WalArchive, normalize_partial, switch_inside};
+use crate::storage::Store;
 
 pub async fn run(ctx: &Ctx, args: &ArchivePushArgs) -> Result<i32> {
+    push(ctx, args, None).await
+}
+
+/// archive-push for one file; `store` is the repository's store when the
+/// caller keeps one open (the archive server), else it is opened here.
+pub(crate) async fn push(ctx: &Ctx, args: &ArchivePushArgs, store: Option<&Store>) -> Result<i32> {
     let name = file_name(&args.path)?;
     let kind = classify_wal_file(&name).ok_or_else(|| {
         Error::Usage(format!("'{}' is not a WAL file name (segment, .partial, .backup or .history)", args.path.display()))
@@ -42,7 +49,10 @@ pub async fn run(ctx: &Ctx, args: &ArchivePushArgs) -> Result<i32> {
     let identity = FileIdentity::of(&args.path);
     let mut content = Content { path: &args.path, data: None };
 
-    let store = ctx.store().await?;
+    let store = match store {
+        Some(store) => store.clone(),
+        None => ctx.store().await?,
+    };
     if kind == WalFileKind::Segment
         && let Some(marker) = read_marker(&markers, &name)
         && content.is_in(&marker, identity.as_ref())?

@@ -180,8 +180,27 @@ pub async fn run(ctx: &Ctx, args: &CheckArgs) -> Result<i32> {
     }
     let archive_mode = conn.show("archive_mode").await?;
     let archive_command = conn.show("archive_command").await.unwrap_or_default();
+    // PostgreSQL 15 and later can archive through a module instead; when one
+    // is set, archive_command is not used.
+    let archive_library = match conn.server_version_num() >= 150000 {
+        true => conn.show("archive_library").await.unwrap_or_default(),
+        false => String::new(),
+    };
     let archiving = archive_mode != "off";
-    if archiving {
+    if archiving && !archive_library.is_empty() {
+        if is_walvault_module(&archive_library) {
+            // Known to this session only when set in the configuration.
+            let command = conn.show("walvault.command").await.unwrap_or_default();
+            let command = if command.is_empty() { "walvault (the default)".to_string() } else { command };
+            r.ok("archive_library", format!("{archive_library}: walvault's archive module, running {command} archive-server"));
+        } else {
+            r.fail(
+                "archive_library",
+                format!("archive_library is '{archive_library}': it is not walvault's archive module, so archived WAL does not reach this repository"),
+                "set archive_library = 'walvault' (the module in pgext/, see docs/WAL.md), or clear it and set archive_command = 'walvault archive-push %p'; then reload PostgreSQL",
+            );
+        }
+    } else if archiving {
         if archive_command.contains("walvault") && archive_command.contains("archive-push") {
             r.ok("archive_command", archive_command.clone());
         } else if archive_command.is_empty() || archive_command == "(disabled)" {
@@ -306,4 +325,11 @@ async fn switch_wal(params: &ConnParams) -> Result<Lsn> {
     let _ = conn.close().await;
     let text = sets.first().and_then(|s| s.rows.first()).and_then(|r| r.first().cloned().flatten()).unwrap_or_default();
     text.parse().map_err(|_| Error::failed(format!("pg_switch_wal returned '{text}'")))
+}
+
+/// Whether an archive_library setting names walvault's module (`walvault`,
+/// or a path to `walvault.so`).
+fn is_walvault_module(library: &str) -> bool {
+    let file = library.rsplit('/').next().unwrap_or(library);
+    file.strip_suffix(".so").unwrap_or(file) == "walvault"
 }

@@ -3,6 +3,7 @@
 
 pub mod archive_get;
 pub mod archive_push;
+pub mod archive_server;
 pub mod backup;
 pub mod check;
 pub mod daemon;
@@ -226,6 +227,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
         Command::Info(args) => info::run(ctx(), &args).await,
         Command::Stream(args) => on_workers(ctx().clone(), move |ctx| async move { stream::run(&ctx, &args).await }).await,
         Command::ArchivePush(args) => archive_push::run(ctx(), &args).await,
+        Command::ArchiveServer => archive_server::run(ctx()).await,
         Command::ArchiveGet(args) => archive_get::run(ctx(), &args).await,
         Command::ArchiveGetPrefetch(args) => archive_get::prefetch_worker(ctx(), &args).await,
         Command::ArchivePushPusher(args) => archive_push::pusher(ctx(), &args).await,

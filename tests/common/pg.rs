@@ -607,3 +607,53 @@ pub fn make_cert(cluster: &PgCluster, name: &str, key_args: &[&str], digest: &st
     cluster.chown_to_postgres(&crt);
     (crt, key)
 }
+
+/// The walvault archive module (`pgext/`) built for the PostgreSQL under
+/// test, with its own `pg_config`: a `walvault.so` the postgres user can load
+/// (`archive_library = '<path>'`). Built once per source and server; a
+/// missing `pg_config` or missing server headers fail the test (scripts/test.sh
+/// installs them).
+pub fn archive_module() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("pgext");
+            let pg_config = pg_bin_dir().join("pg_config");
+            let text = fs::read(source.join("walvault.c")).expect("pgext/walvault.c");
+            let makefile = fs::read(source.join("Makefile")).expect("pgext/Makefile");
+            let dir = Path::new("/tmp").join(format!("walvault-pgext-{:016x}", hash(&(text, makefile, &pg_config))));
+            let module = dir.join("walvault.so");
+            if module.exists() {
+                return module;
+            }
+            // Built in a directory of this process's, then moved in whole:
+            // test processes build it concurrently.
+            let work = Path::new("/tmp").join(format!("walvault-pgext-build-{}", std::process::id()));
+            fs::remove_dir_all(&work).ok();
+            fs::create_dir_all(&work).unwrap();
+            for file in ["walvault.c", "Makefile"] {
+                fs::copy(source.join(file), work.join(file)).unwrap();
+            }
+            let out = Command::new("make")
+                .arg("-C")
+                .arg(&work)
+                .arg(format!("PG_CONFIG={}", pg_config.display()))
+                .output()
+                .expect("run make (apt-get install make)");
+            assert!(
+                out.status.success(),
+                "building the archive module with {} failed (scripts/test.sh installs postgresql-server-dev-15):\n{}{}",
+                pg_config.display(),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            fs::set_permissions(&work, fs::Permissions::from_mode(0o755)).unwrap();
+            fs::set_permissions(work.join("walvault.so"), fs::Permissions::from_mode(0o755)).unwrap();
+            if fs::rename(&work, &dir).is_err() {
+                // Another process got there first.
+                fs::remove_dir_all(&work).ok();
+            }
+            module
+        })
+        .clone()
+}

@@ -1,0 +1,132 @@
+//! `walvault archive-server`: archive-push for the walvault archive module
+//! (`archive_library = 'walvault'`, PostgreSQL 15 and later, `pgext/`).
+//!
+//! The module starts one server per archiver process, its standard input and
+//! output a socket. Each request is a line holding a WAL file's path, as
+//! archive-push gets it (`%p`); the server runs archive-push for it and
+//! answers with the exit code archive-push would have had, as a decimal line.
+//! Messages go to standard error, the archiver's, so they reach the server
+//! log as archive-push's do. What this saves per file is a shell, a process
+//! start, reading the configuration and opening the store.
+//!
+//! The server reloads its configuration when the file changes, and leaves
+//! when its input ends: when the archiver exits or the module replaces it.
+
+use std::io::{BufRead, Write};
+use std::os::fd::FromRawFd;
+use std::path::PathBuf;
+use std::time::SystemTime;
+
+use super::{Ctx, archive_push};
+use crate::cli::ArchivePushArgs;
+use crate::config;
+use crate::error::{Error, Result};
+use crate::storage::Store;
+
+pub async fn run(ctx: &Ctx) -> Result<i32> {
+    let mut answers = answer_channel()?;
+    let mut state = Loaded::new(ctx.clone());
+    let mut requests = requests();
+    tracing::debug!("archive server ready");
+    while let Some(line) = requests.recv().await {
+        let code = match state.current().await {
+            Ok((ctx, store)) => {
+                let args = ArchivePushArgs { path: PathBuf::from(&line) };
+                match archive_push::push(ctx, &args, Some(store)).await {
+                    Ok(code) => code,
+                    Err(e) => report(&e),
+                }
+            }
+            Err(e) => report(&e),
+        };
+        // The module is gone if this fails: nothing left to answer.
+        if writeln!(answers, "{code}").and_then(|()| answers.flush()).is_err() {
+            break;
+        }
+    }
+    Ok(0)
+}
+
+/// The requests, read from standard input by a thread of their own (the
+/// runtime keeps running tasks between them); the channel closes when the
+/// input ends or cannot be read.
+fn requests() -> tokio::sync::mpsc::Receiver<String> {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lock().lines() {
+            match line {
+                Ok(line) => {
+                    if tx.blocking_send(line).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    tracing::error!("archive-server: cannot read a request: {e}");
+                    return;
+                }
+            }
+        }
+    });
+    rx
+}
+
+/// Prints an error as archive-push's main would; returns its exit code.
+fn report(e: &Error) -> i32 {
+    eprintln!("error: {e}");
+    if let Some(hint) = e.hint() {
+        eprintln!("hint: {hint}");
+    }
+    e.exit_code()
+}
+
+/// Takes standard output for the answers alone: it moves to a descriptor of
+/// its own (not inherited by the processes the server starts), and standard
+/// output becomes standard error, so that nothing printed by mistake can pass
+/// for an answer.
+fn answer_channel() -> Result<std::fs::File> {
+    // SAFETY: plain descriptor calls; the new descriptor is owned by the File.
+    unsafe {
+        let fd = libc::fcntl(libc::STDOUT_FILENO, libc::F_DUPFD_CLOEXEC, 3);
+        if fd < 0 || libc::dup2(libc::STDERR_FILENO, libc::STDOUT_FILENO) < 0 {
+            return Err(Error::failed(format!("archive-server: cannot set up its answers: {}", std::io::Error::last_os_error())));
+        }
+        Ok(std::fs::File::from_raw_fd(fd))
+    }
+}
+
+/// The configuration and the store, reloaded when the configuration file
+/// changes (an operator's edit takes effect at the next file, as it would
+/// with archive-push).
+struct Loaded {
+    ctx: Ctx,
+    store: Option<Store>,
+    stamp: Option<SystemTime>,
+}
+
+impl Loaded {
+    fn new(ctx: Ctx) -> Self {
+        let stamp = stamp_of(&ctx);
+        Loaded { ctx, store: None, stamp }
+    }
+
+    async fn current(&mut self) -> Result<(&Ctx, &Store)> {
+        let stamp = stamp_of(&self.ctx);
+        if stamp != self.stamp {
+            let env: std::collections::BTreeMap<String, String> = std::env::vars().collect();
+            let config = config::load(self.ctx.config.source.as_deref(), &env, &self.ctx.overrides)?;
+            tracing::info!("archive-server: configuration reloaded");
+            self.ctx = Ctx { config, overrides: self.ctx.overrides.clone() };
+            self.store = None;
+            self.stamp = stamp;
+        }
+        if self.store.is_none() {
+            self.store = Some(self.ctx.store().await?);
+        }
+        Ok((&self.ctx, self.store.as_ref().expect("opened above")))
+    }
+}
+
+fn stamp_of(ctx: &Ctx) -> Option<SystemTime> {
+    let source = ctx.config.source.as_ref()?;
+    std::fs::metadata(source).and_then(|m| m.modified()).ok()
+}
