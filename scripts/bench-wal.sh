@@ -207,28 +207,39 @@ warm() { warm_files $W/segs; warm_memory $(( (SEGMENTS + 10) * 16 * 1024 * 1024 
 # backlog. The copy starts with archiving configured off, so the .ready files
 # wait; the command is then set and the configuration reloaded, and the time
 # runs until no .ready file is left (each .done once the command exited 0).
-# `pg_drive NAME module` sets walvault's archive module instead.
+# `pg_drive NAME module` uses walvault's archive module instead. A change of
+# archive_library restarts the archiver, which the postmaster does only after
+# a pause of its own (30 s here), so the module is set before the start, and
+# its server (started at the first ready file) waits for a go file to exist
+# before it runs walvault; the time runs from creating that file.
 # Sets DRIVE_TOTAL (ms).
 pg_drive() {
-  local name=$1 cmd=$2 setting
-  setting="archive_command = '$cmd'"
-  [ "$cmd" = module ] && setting="archive_library = '$W/pgext/walvault.so'
-walvault.command = '$W/walvault --config $W/walvault.toml -q'"
+  local name=$1 cmd=$2 go=""
   fresh_fake
   PG sh -c "echo \"archive_command = ''\" >> $W/fake/postgresql.conf"
+  if [ "$cmd" = module ]; then
+    go=$W/go
+    rm -f $go
+    printf '#!/bin/sh\nwhile [ ! -e %s ]; do sleep 0.005; done\nexec %s --config %s -q "$@"\n' $go $W/walvault $W/walvault.toml > $W/wvm-wait.sh
+    chmod 755 $W/wvm-wait.sh
+    printf "archive_library = '%s'\nwalvault.command = '%s'\n" $W/pgext/walvault.so $W/wvm-wait.sh | PG sh -c "cat >> $W/fake/postgresql.conf"
+  fi
   PG "$PGBIN/pg_ctl" -D $W/fake -l $W/fake-$name.log -w start >/dev/null
   local ready; ready=$(ls $W/fake/pg_wal/archive_status | grep -c '\.ready$')
   [ "$ready" = "$SEGMENTS" ] || { echo "the backlog has $ready ready segments, not $SEGMENTS" >&2; exit 1; }
   warm
-  echo "$setting" | PG sh -c "cat >> $W/fake/postgresql.conf"
-  DRIVE_TOTAL=$(python3 - $W/fake/pg_wal/archive_status "$(id -u)" "$PGBIN/pg_ctl" $W/fake <<'PY'
+  [ -n "$go" ] || PG sh -c "echo \"archive_command = '$cmd'\" >> $W/fake/postgresql.conf"
+  DRIVE_TOTAL=$(python3 - $W/fake/pg_wal/archive_status "$(id -u)" "$PGBIN/pg_ctl" $W/fake "$go" <<'PY'
 import os, subprocess, sys, time
-status, uid, pg_ctl, data = sys.argv[1:5]
+status, uid, pg_ctl, data, go = sys.argv[1:6]
 reload = [pg_ctl, "-D", data, "reload"]
 if uid == "0":
     reload = ["runuser", "-u", "postgres", "--"] + reload
 t0 = time.monotonic()
-subprocess.run(reload, stdout=subprocess.DEVNULL, check=True)
+if go:
+    open(go, "w").close()
+else:
+    subprocess.run(reload, stdout=subprocess.DEVNULL, check=True)
 while any(n.endswith(".ready") for n in os.listdir(status)):
     if time.monotonic() - t0 > 600:
         sys.exit("the archiver has not drained the backlog after 600 s")
