@@ -246,7 +246,9 @@ pub async fn run(ctx: &Ctx, args: &CheckArgs) -> Result<i32> {
                         r.fail(
                             "WAL delivery",
                             format!("switched WAL, but {seg} did not reach the repository within {}", crate::util::human_duration(wait)),
-                            if archiving {
+                            if archiving && !archive_library.is_empty() {
+                                "check the server log for the archive module's messages (lines starting 'walvault:'; walvault.command) and pg_stat_archiver"
+                            } else if archiving {
                                 "check the server log for archive_command failures (pg_stat_archiver)"
                             } else {
                                 "start the walvault daemon (or `walvault stream`), or set archive_command = 'walvault archive-push %p'"
