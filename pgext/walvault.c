@@ -69,12 +69,13 @@ _PG_init(void)
 
 /*
  * Stops the server: closing the socket makes it leave (it is idle between
- * files), and it is reaped here so that none is left behind.
+ * files), and it is reaped here so that none is left behind.  Returns its
+ * wait status.
  */
-static void
+static int
 stop_server(void)
 {
-	int			status;
+	int			status = 0;
 
 	if (server_sock >= 0)
 		close(server_sock);
@@ -88,6 +89,7 @@ stop_server(void)
 	if (server_command)
 		pfree(server_command);
 	server_command = NULL;
+	return status;
 }
 
 /*
@@ -220,19 +222,13 @@ read_answer(int fd)
 	return atoi(line);
 }
 
-/* Reports how a server that ended before answering ended, and reaps it. */
+/* Reaps a server that ended before answering, and reports how it ended. */
 static void
 lost_server(const char *file)
 {
-	int			status = 0;
-	char	   *how;
 	pid_t		pid = server_pid;
+	char	   *how = wait_result_to_str(stop_server());
 
-	close(server_sock);
-	server_sock = -1;
-	while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
-		;
-	how = wait_result_to_str(status);
 	ereport(WARNING,
 			(errmsg("walvault: the archive server (pid %d) ended before answering for \"%s\": %s",
 					(int) pid, file, how),
@@ -240,8 +236,6 @@ lost_server(const char *file)
 					 "it must run walvault, as in '/usr/local/bin/walvault --config /etc/walvault/walvault.toml'.",
 					 walvault_command)));
 	pfree(how);
-	server_pid = -1;
-	stop_server();
 }
 
 static bool

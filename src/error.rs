@@ -87,6 +87,16 @@ impl Error {
         }
     }
 
+    /// Prints the error and its hint on standard error, as a failed command
+    /// reports it; returns its exit code.
+    pub fn report(&self) -> i32 {
+        eprintln!("error: {self}");
+        if let Some(hint) = self.hint() {
+            eprintln!("hint: {hint}");
+        }
+        self.exit_code()
+    }
+
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Usage(_) | Error::Config(_) => exit::USAGE,

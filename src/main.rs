@@ -15,13 +15,7 @@ fn main() {
     let runtime = builder.enable_all().build().expect("tokio runtime");
     let code = match runtime.block_on(walvault::commands::run(cli)) {
         Ok(code) => code,
-        Err(e) => {
-            eprintln!("error: {e}");
-            if let Some(hint) = e.hint() {
-                eprintln!("hint: {hint}");
-            }
-            e.exit_code()
-        }
+        Err(e) => e.report(),
     };
     // Do not wait for background tasks still holding the runtime.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));

@@ -34,10 +34,10 @@ pub async fn run(ctx: &Ctx) -> Result<i32> {
                 let args = ArchivePushArgs { path: PathBuf::from(&line) };
                 match archive_push::push(ctx, &args, Some(store)).await {
                     Ok(code) => code,
-                    Err(e) => report(&e),
+                    Err(e) => e.report(),
                 }
             }
-            Err(e) => report(&e),
+            Err(e) => e.report(),
         };
         // The module is gone if this fails: nothing left to answer.
         if writeln!(answers, "{code}").and_then(|()| answers.flush()).is_err() {
@@ -68,15 +68,6 @@ fn requests() -> tokio::sync::mpsc::Receiver<String> {
         }
     });
     rx
-}
-
-/// Prints an error as archive-push's main would; returns its exit code.
-fn report(e: &Error) -> i32 {
-    eprintln!("error: {e}");
-    if let Some(hint) = e.hint() {
-        eprintln!("hint: {hint}");
-    }
-    e.exit_code()
 }
 
 /// Takes standard output for the answers alone: it moves to a descriptor of
