@@ -47,8 +47,44 @@ fn check_passes_when_archive_command_delivers_wal() {
     let delivery = line(&report, "WAL delivery")[0];
     assert!(delivery.starts_with("ok    WAL delivery: switched WAL; 0000000100000000000000"), "{delivery}");
     assert!(delivery.contains(" reached the repository in "), "{delivery}");
+    // PostgreSQL's own account agrees: the segment check waited for is the
+    // last one its archiver reports.
+    let segment = delivery["ok    WAL delivery: switched WAL; ".len()..].split(' ').next().unwrap();
+    let archiver = line(&report, "archiver")[0];
+    assert!(archiver.starts_with(&format!("ok    archiver: files archived: 1, the last, {segment}, at ")), "{archiver}");
     assert!(report.ends_with("all checks passed\n"), "{report}");
     assert!(!report.contains("FAIL"), "{report}");
+}
+
+/// An archive_command that names walvault but fails: the command looks right,
+/// so it is PostgreSQL's archiver statistics that say what is wrong, with the
+/// file that failed, when, and the backlog waiting behind it.
+#[test]
+fn check_fails_when_the_archiver_is_failing() {
+    let pg = archiving_cluster();
+    let env = Env::new(&pg);
+    env.run_ok(&["init"]);
+    let missing = env.new_dir("elsewhere").join("no-such-walvault.toml");
+    let command = env.archive_command().replace(&env.config.display().to_string(), &missing.display().to_string());
+    pg.set_guc("archive_command", &command);
+    let (code, report) = check(&env, &["--wait", "5s"]);
+    assert_eq!(code, 3, "{report}");
+    assert!(line(&report, "archive_command")[0].starts_with("ok    archive_command: "), "{report}");
+    let delivery = line(&report, "WAL delivery")[0];
+    let segment = delivery
+        .strip_prefix("FAIL  WAL delivery: switched WAL, but ")
+        .and_then(|rest| rest.split(' ').next())
+        .unwrap_or_else(|| panic!("{report}"));
+    let archiver = line(&report, "archiver");
+    assert!(archiver[0].starts_with(&format!("FAIL  archiver: PostgreSQL's last attempt to archive failed: {segment} at ")), "{report}");
+    assert!(archiver[0].contains("files archived: 0, none since the statistics were reset"), "{report}");
+    assert!(archiver[0].ends_with(&format!("; 1 file waits to be archived ({segment})")), "{report}");
+    assert!(archiver[1].starts_with("      fix: read the server log at "), "{report}");
+    // Fixed, the same check passes: the failure is history once a file is archived.
+    pg.set_guc("archive_command", &env.archive_command());
+    let (code, report) = check(&env, &["--wait", "60s"]);
+    assert_eq!(code, 0, "{report}");
+    assert!(line(&report, "archiver")[0].starts_with("ok    archiver: files archived: "), "{report}");
 }
 
 #[test]

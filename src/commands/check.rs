@@ -222,6 +222,7 @@ pub async fn run(ctx: &Ctx, args: &CheckArgs) -> Result<i32> {
     let _ = conn.close().await;
 
     // Does WAL actually arrive? Switch segments and wait for the one just closed.
+    let mut delivered = None;
     if !args.no_switch && !writable {
         r.skip("WAL delivery", "the repository is not writable");
     } else if !args.no_switch
@@ -241,6 +242,7 @@ pub async fn run(ctx: &Ctx, args: &CheckArgs) -> Result<i32> {
                         tokio::time::sleep(Duration::from_millis(500)).await;
                     }
                     if arrived {
+                        delivered = Some(seg.to_string());
                         r.ok("WAL delivery", format!("switched WAL; {seg} reached the repository in {}", crate::util::human_duration(started.elapsed())));
                     } else {
                         r.fail(
@@ -262,7 +264,125 @@ pub async fn run(ctx: &Ctx, args: &CheckArgs) -> Result<i32> {
                 ),
             }
     }
+    // PostgreSQL's own account, read after the switch so that it covers the
+    // attempt to archive the switched segment.
+    if archiving {
+        let mut state = archiver_state(&params).await;
+        // The object is stored before PostgreSQL's archiver records the
+        // success: give its statistics a moment to catch up with the delivery.
+        if let Some(seg) = &delivered {
+            let until = Instant::now() + Duration::from_secs(5);
+            while let Ok(s) = &state
+                && s.last_archived.as_ref().is_none_or(|(wal, _, _)| wal < seg)
+                && Instant::now() < until
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                state = archiver_state(&params).await;
+            }
+        }
+        match state {
+            Ok(state) => report_archiver(&mut r, &state),
+            Err(e) => r.skip("archiver", format!("cannot read pg_stat_archiver: {e}")),
+        }
+    }
     finish(r)
+}
+
+/// What pg_stat_archiver and pg_wal/archive_status say about archiving.
+#[derive(Debug, Default)]
+struct ArchiverState {
+    archived: i64,
+    /// The last file archived, when, and how long ago (seconds).
+    last_archived: Option<(String, String, i64)>,
+    failed: i64,
+    last_failed: Option<(String, String, i64)>,
+    /// Whether the last attempt failed (no success since the last failure).
+    failing: bool,
+    /// Files waiting as .ready; unknown without the rights to list archive_status.
+    ready: Option<(i64, String)>,
+}
+
+async fn archiver_state(params: &ConnParams) -> Result<ArchiverState> {
+    let mut conn = Connection::connect(&database_params(params), Mode::Database).await?;
+    let when = |col: &str| {
+        format!(
+            "coalesce(to_char({col} AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS\"Z\"'), ''), coalesce(extract(epoch FROM now() - {col})::bigint, 0)"
+        )
+    };
+    let sql = format!(
+        "SELECT archived_count, coalesce(last_archived_wal, ''), {}, failed_count, coalesce(last_failed_wal, ''), {}, \
+         coalesce(last_failed_time > coalesce(last_archived_time, '-infinity'), false) FROM pg_stat_archiver",
+        when("last_archived_time"),
+        when("last_failed_time")
+    );
+    let sets = conn.simple_query(&sql).await?;
+    let row = sets.first().and_then(|s| s.rows.first()).cloned().unwrap_or_default();
+    let col = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
+    let int = |i: usize| col(i).parse::<i64>().unwrap_or(0);
+    let file = |i: usize| Some((col(i), col(i + 1), int(i + 2))).filter(|(f, _, _)| !f.is_empty());
+    let mut state = ArchiverState {
+        archived: int(0),
+        last_archived: file(1),
+        failed: int(4),
+        last_failed: file(5),
+        failing: col(8) == "t",
+        ready: None,
+    };
+    // pg_ls_archive_statusdir (PostgreSQL 12+) needs pg_monitor or superuser.
+    let ready =
+        conn.simple_query("SELECT count(*), coalesce(min(name), '') FROM pg_ls_archive_statusdir() WHERE name LIKE '%.ready'").await;
+    if let Ok(sets) = ready
+        && let Some(row) = sets.first().and_then(|s| s.rows.first())
+    {
+        let n = row.first().cloned().flatten().and_then(|v| v.parse().ok()).unwrap_or(0);
+        let oldest = row.get(1).cloned().flatten().unwrap_or_default();
+        state.ready = Some((n, oldest.trim_end_matches(".ready").to_string()));
+    }
+    let _ = conn.close().await;
+    Ok(state)
+}
+
+/// More files than this waiting to be archived means archiving trails WAL.
+const ARCHIVE_BACKLOG_WARN: i64 = 16;
+
+fn report_archiver(r: &mut Report, s: &ArchiverState) {
+    let ago = |secs: i64| match secs {
+        ..=0 => "just now".to_string(),
+        s => format!("{} ago", crate::util::human_duration(Duration::from_secs(s as u64))),
+    };
+    let last = match &s.last_archived {
+        Some((wal, at, secs)) => format!("the last, {wal}, at {at} ({})", ago(*secs)),
+        None => "none since the statistics were reset".to_string(),
+    };
+    let waiting = match &s.ready {
+        Some((0, _)) => "; no file waits to be archived".to_string(),
+        Some((1, oldest)) => format!("; 1 file waits to be archived ({oldest})"),
+        Some((n, oldest)) => format!("; {n} files wait to be archived, the oldest {oldest}"),
+        None => String::new(),
+    };
+    if s.failing
+        && let Some((wal, at, secs)) = &s.last_failed
+    {
+        r.fail(
+            "archiver",
+            format!(
+                "PostgreSQL's last attempt to archive failed: {wal} at {at} ({}), {} failure(s) in all; files archived: {}, {last}{waiting}",
+                ago(*secs),
+                s.failed,
+                s.archived
+            ),
+            format!("read the server log at {at} for the error (walvault's own lines say what failed and what to do); PostgreSQL keeps retrying, and nothing is lost while the files wait in pg_wal"),
+        );
+    } else if let Some((n, oldest)) = &s.ready
+        && *n > ARCHIVE_BACKLOG_WARN
+    {
+        r.warn(
+            "archiver",
+            format!("{n} files wait to be archived, the oldest {oldest}: archiving trails WAL; files archived: {}, {last}", s.archived),
+        );
+    } else {
+        r.ok("archiver", format!("files archived: {}, {last}{waiting}", s.archived));
+    }
 }
 
 fn finish(r: Report) -> Result<i32> {
