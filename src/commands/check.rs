@@ -192,7 +192,16 @@ pub async fn run(ctx: &Ctx, args: &CheckArgs) -> Result<i32> {
             // Known to this session only when set in the configuration.
             let command = conn.show("walvault.command").await.unwrap_or_default();
             let command = if command.is_empty() { "walvault (the default)".to_string() } else { command };
-            r.ok("archive_library", format!("{archive_library}: walvault's archive module, running {command} archive-server"));
+            let running = format!("{archive_library}: walvault's archive module, running {command} archive-server");
+            match load_module(&params, &archive_library).await {
+                ModuleLoad::Loaded => r.ok("archive_library", running),
+                ModuleLoad::Unchecked(why) => r.ok("archive_library", format!("{running} ({why})")),
+                ModuleLoad::Fails(e) => r.fail(
+                    "archive_library",
+                    format!("archive_library is '{archive_library}', but PostgreSQL cannot load it, so its archiver cannot start: {e}"),
+                    "build and install walvault's module for this PostgreSQL version on the database host (make -C pgext PG_CONFIG=<this server's pg_config> install, see docs/WAL.md), or clear archive_library and use archive_command; then reload PostgreSQL",
+                ),
+            }
         } else {
             r.fail(
                 "archive_library",
@@ -447,6 +456,34 @@ async fn switch_wal(params: &ConnParams) -> Result<Lsn> {
     let _ = conn.close().await;
     let text = sets.first().and_then(|s| s.rows.first()).and_then(|r| r.first().cloned().flatten()).unwrap_or_default();
     text.parse().map_err(|_| Error::failed(format!("pg_switch_wal returned '{text}'")))
+}
+
+/// Whether PostgreSQL can load the archive module.
+enum ModuleLoad {
+    Loaded,
+    /// Not known: the role may not LOAD it (a superuser's right), or cannot
+    /// open a session to a database.
+    Unchecked(String),
+    Fails(crate::pg::PgError),
+}
+
+/// Loads the archive module into a session of its own, as the archiver
+/// loads it: a module that is not installed, or was built for another major
+/// version, fails here as it fails there (where it shows only in the server
+/// log).
+async fn load_module(params: &ConnParams, library: &str) -> ModuleLoad {
+    let mut conn = match Connection::connect(&database_params(params), Mode::Database).await {
+        Ok(c) => c,
+        Err(e) => return ModuleLoad::Unchecked(format!("cannot open a session to try loading it: {e}")),
+    };
+    let loaded = conn.simple_query(&format!("LOAD '{}'", library.replace('\'', "''"))).await;
+    let _ = conn.close().await;
+    match loaded {
+        Ok(_) => ModuleLoad::Loaded,
+        Err(e) if e.code() == Some("42501") => ModuleLoad::Unchecked("whether it loads is not checked: LOAD needs a superuser".into()),
+        Err(e) if e.code().is_some() => ModuleLoad::Fails(e),
+        Err(e) => ModuleLoad::Unchecked(format!("could not try loading it: {e}")),
+    }
 }
 
 /// Whether an archive_library setting names walvault's module (`walvault`,
