@@ -258,9 +258,17 @@ pub fn segment_of(tli: u32, lsn: &str) -> String {
 /// far (callers switch first). It switches again: WAL written after the
 /// caller's switch (a checkpoint's record, say) would otherwise leave the
 /// last segment unfinished, and never archived. With nothing written since,
-/// the switch does nothing and names the caller's segment.
+/// the switch does nothing and returns the start of the segment in use, one
+/// byte after the caller's segment: the byte before it names that segment on
+/// every version (pg_walfile_name of a segment's first byte names that segment
+/// from PostgreSQL 17 on, the one before it until 16).
 pub fn wait_archived(pg: &PgCluster) {
-    let last = pg.psql("select pg_walfile_name(pg_switch_wal())");
+    let last = match pg.version_num() >= 140000 {
+        true => pg.psql("select pg_walfile_name(pg_switch_wal() - 1)"),
+        // No pg_lsn arithmetic before 14; pg_walfile_name still names the
+        // segment before a boundary there.
+        false => pg.psql("select pg_walfile_name(pg_switch_wal())"),
+    };
     wait_archived_upto(pg, &last);
 }
 
