@@ -192,10 +192,14 @@ send_all(int fd, const char *buf, size_t len)
 	return true;
 }
 
+/* read_answer's results besides an exit code */
+#define ANSWER_LOST		(-1)		/* the server ended, or said something else */
+#define ANSWER_AGAIN	(-2)		/* its binary was replaced: ask a new server */
+
 /*
- * Reads the server's answer for one file: its exit code, as a decimal line.
- * Returns -1 when the server ended (or said something else) before a whole
- * line.
+ * Reads the server's answer for one file: its exit code, as a decimal line,
+ * or "again" from a server whose walvault binary has been replaced since it
+ * started (it leaves after saying so).
  */
 static int
 read_answer(int fd)
@@ -210,15 +214,17 @@ read_answer(int fd)
 		if (n < 0 && errno == EINTR)
 			continue;
 		if (n <= 0)
-			return -1;
+			return ANSWER_LOST;
 		if (line[len] == '\n')
 			break;
-		if (line[len] < '0' || line[len] > '9' || ++len == sizeof(line) - 1)
-			return -1;
+		if (++len == sizeof(line) - 1)
+			return ANSWER_LOST;
 	}
-	if (len == 0)
-		return -1;
 	line[len] = '\0';
+	if (strcmp(line, "again") == 0)
+		return ANSWER_AGAIN;
+	if (len == 0 || strspn(line, "0123456789") != len)
+		return ANSWER_LOST;
 	return atoi(line);
 }
 
@@ -242,8 +248,7 @@ static bool
 archive_file(const char *file, const char *path)
 {
 	char	   *request;
-	bool		sent = false;
-	int			code;
+	int			code = ANSWER_LOST;
 
 	if (strchr(path, '\n') != NULL)
 	{
@@ -259,31 +264,41 @@ archive_file(const char *file, const char *path)
 	}
 
 	request = psprintf("%s\n", path);
-	/*
-	 * A server that ended since the last file (it exits when its binary or
-	 * its configuration cannot be used, or was killed) shows when the request
-	 * cannot be sent: start another, once.
-	 */
-	for (int attempt = 0; attempt < 2 && !sent; attempt++)
+	for (int attempt = 0; attempt < 3; attempt++)
 	{
 		if (server_sock < 0 && !start_server())
 			break;
-		sent = send_all(server_sock, request, strlen(request));
-		if (!sent && attempt == 0)
-			stop_server();
-		else if (!sent)
+		if (!send_all(server_sock, request, strlen(request)))
+		{
+			/*
+			 * A server that ended since the last file (it exits when its
+			 * binary or its configuration cannot be used, or was killed)
+			 * shows when the request cannot be sent: start another, once.
+			 */
+			if (attempt == 0)
+			{
+				stop_server();
+				continue;
+			}
 			lost_server(file);
+			break;
+		}
+		code = read_answer(server_sock);
+		if (code == ANSWER_AGAIN && attempt < 2)
+		{
+			ereport(LOG,
+					(errmsg("walvault: the archive server (pid %d) runs a walvault binary that has since been replaced; starting the new one",
+							(int) server_pid)));
+			stop_server();
+			continue;
+		}
+		if (code < 0)
+			lost_server(file);
+		break;
 	}
 	pfree(request);
-	if (!sent)
-		return false;
-
-	code = read_answer(server_sock);
 	if (code < 0)
-	{
-		lost_server(file);
 		return false;
-	}
 	if (code != 0)
 	{
 		ereport(WARNING,

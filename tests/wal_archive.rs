@@ -362,6 +362,44 @@ fn the_archive_module_archives_through_one_long_lived_server() {
     let log = std::fs::read_to_string(pg.log_file()).unwrap();
     assert_eq!(log.matches(&started).count(), 2, "the killed server was not replaced:\n{log}");
 
+    // walvault upgraded under a running server (a new file at its path, as a
+    // package manager puts it): the next file goes to a server running the
+    // new binary, without a failed attempt, and nothing is lost.
+    let binary = env.dir.join("bin").join("walvault");
+    std::fs::create_dir_all(binary.parent().unwrap()).unwrap();
+    std::fs::copy(&env.bin, &binary).unwrap();
+    chown_tree(binary.parent().unwrap());
+    let command = command.replace(&env.bin.display().to_string(), &binary.display().to_string());
+    pg.set_guc("walvault.command", &command);
+    let first = complete_a_segment(&pg);
+    wait_archived(&pg);
+    let started = format!("): exec {command} archive-server");
+    let log = std::fs::read_to_string(pg.log_file()).unwrap();
+    assert_eq!(log.matches(&started).count(), 1, "walvault.command's change did not start a server:\n{log}");
+    let old_pid = server_pid(&log, &started);
+    let upgrade = binary.with_extension("new");
+    std::fs::copy(&env.bin, &upgrade).unwrap();
+    chown_tree(&upgrade);
+    std::fs::rename(&upgrade, &binary).unwrap();
+    let lost = "ended before answering";
+    let lost_before = log.matches(lost).count();
+    let after: Vec<String> = (0..2).map(|_| complete_a_segment(&pg)).collect();
+    wait_archived(&pg);
+    for name in std::iter::once(&first).chain(&after) {
+        let data = std::fs::read(pg.data_dir().join("pg_wal").join(name)).unwrap();
+        assert_eq!(fetch(&env, name).as_deref(), Some(data.as_slice()), "{name}");
+    }
+    let log = std::fs::read_to_string(pg.log_file()).unwrap();
+    assert!(
+        log.contains(&format!(
+            "walvault: the archive server (pid {old_pid}) runs a walvault binary that has since been replaced; starting the new one"
+        )),
+        "the upgrade was not noticed:\n{log}"
+    );
+    assert_eq!(log.matches(&started).count(), 2, "the upgraded binary did not get a server of its own:\n{log}");
+    assert_eq!(log.matches(lost).count(), lost_before, "a server was lost across the upgrade:\n{log}");
+    assert!(!Path::new(&format!("/proc/{old_pid}")).exists(), "the old server {old_pid} is still there");
+
     // The server leaves with the archiver.
     let pid = server_pid(&log, &started);
     pg.stop();

@@ -11,6 +11,10 @@
 //!
 //! The server reloads its configuration when the file changes, and leaves
 //! when its input ends: when the archiver exits or the module replaces it.
+//! When its own binary has been replaced (walvault upgraded), it answers the
+//! next request with `again` instead of a code and leaves: the module then
+//! starts the new walvault and asks it, so an upgrade takes effect at the
+//! next file rather than at the next restart of PostgreSQL.
 
 use std::io::{BufRead, Write};
 use std::os::fd::FromRawFd;
@@ -27,8 +31,17 @@ pub async fn run(ctx: &Ctx) -> Result<i32> {
     let mut answers = answer_channel()?;
     let mut state = Loaded::new(ctx.clone());
     let mut requests = requests();
+    let binary = Binary::now();
     tracing::debug!("archive server ready");
     while let Some(line) = requests.recv().await {
+        if binary.replaced() {
+            tracing::info!(
+                "archive-server: {} was replaced since this server started (walvault upgraded?): leaving, so that the module runs the new one",
+                binary.path.display()
+            );
+            let _ = writeln!(answers, "again").and_then(|()| answers.flush());
+            break;
+        }
         let code = match state.current().await {
             Ok((ctx, store)) => {
                 let args = ArchivePushArgs { path: PathBuf::from(&line) };
@@ -120,4 +133,35 @@ impl Loaded {
 fn stamp_of(ctx: &Ctx) -> Option<SystemTime> {
     let source = ctx.config.source.as_ref()?;
     std::fs::metadata(source).and_then(|m| m.modified()).ok()
+}
+
+/// The executable this server runs, as a path and the identity of the file
+/// there when the server started. A package upgrade puts a new file at the
+/// path (a new inode); the running server keeps the old one.
+struct Binary {
+    path: PathBuf,
+    identity: Option<(u64, u64, Option<SystemTime>)>,
+}
+
+impl Binary {
+    fn now() -> Self {
+        let path = std::env::current_exe().unwrap_or_default();
+        let identity = Self::identity_of(&path);
+        Binary { path, identity }
+    }
+
+    fn identity_of(path: &std::path::Path) -> Option<(u64, u64, Option<SystemTime>)> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path).ok()?;
+        Some((m.dev(), m.ino(), m.modified().ok()))
+    }
+
+    /// Whether another file is at the path now. A path that cannot be read
+    /// for the moment (mid-upgrade) is not taken for a replacement.
+    fn replaced(&self) -> bool {
+        match (&self.identity, Self::identity_of(&self.path)) {
+            (Some(then), Some(now)) => *then != now,
+            _ => false,
+        }
+    }
 }
