@@ -362,43 +362,62 @@ fn the_archive_module_archives_through_one_long_lived_server() {
     let log = std::fs::read_to_string(pg.log_file()).unwrap();
     assert_eq!(log.matches(&started).count(), 2, "the killed server was not replaced:\n{log}");
 
-    // walvault upgraded under a running server (a new file at its path, as a
-    // package manager puts it): the next file goes to a server running the
-    // new binary, without a failed attempt, and nothing is lost.
-    let binary = env.dir.join("bin").join("walvault");
-    std::fs::create_dir_all(binary.parent().unwrap()).unwrap();
-    std::fs::copy(&env.bin, &binary).unwrap();
-    chown_tree(binary.parent().unwrap());
-    let command = command.replace(&env.bin.display().to_string(), &binary.display().to_string());
+    // walvault upgraded under a running server, both ways installs do it: a
+    // symlink pointed at a new binary, then a new file put at the binary's
+    // path (a new inode, as a package manager does). Each time the next file
+    // goes to a server running the new binary, without a failed attempt, and
+    // nothing is lost.
+    let bin_dir = env.dir.join("bin");
+    std::fs::create_dir_all(&bin_dir).unwrap();
+    let install = |name: &str| {
+        let staged = bin_dir.join(format!("{name}.staged"));
+        std::fs::copy(&env.bin, &staged).unwrap();
+        chown_tree(&staged);
+        std::fs::rename(&staged, bin_dir.join(name)).unwrap();
+    };
+    let point_at = |target: &str| {
+        let staged = bin_dir.join("walvault.link");
+        std::os::unix::fs::symlink(target, &staged).unwrap();
+        std::fs::rename(&staged, bin_dir.join("walvault")).unwrap();
+    };
+    install("walvault-1");
+    point_at("walvault-1");
+    let command = command.replace(&env.bin.display().to_string(), &bin_dir.join("walvault").display().to_string());
     pg.set_guc("walvault.command", &command);
     let first = complete_a_segment(&pg);
     wait_archived(&pg);
     let started = format!("): exec {command} archive-server");
-    let log = std::fs::read_to_string(pg.log_file()).unwrap();
-    assert_eq!(log.matches(&started).count(), 1, "walvault.command's change did not start a server:\n{log}");
-    let old_pid = server_pid(&log, &started);
-    let upgrade = binary.with_extension("new");
-    std::fs::copy(&env.bin, &upgrade).unwrap();
-    chown_tree(&upgrade);
-    std::fs::rename(&upgrade, &binary).unwrap();
     let lost = "ended before answering";
-    let lost_before = log.matches(lost).count();
-    let after: Vec<String> = (0..2).map(|_| complete_a_segment(&pg)).collect();
-    wait_archived(&pg);
-    for name in std::iter::once(&first).chain(&after) {
+    let mut archived = vec![first];
+    let upgrades: [(&str, &dyn Fn()); 2] = [
+        ("a symlink pointed at a new binary", &|| {
+            install("walvault-2");
+            point_at("walvault-2");
+        }),
+        ("a new file at the binary's path", &|| install("walvault-2")),
+    ];
+    for (step, (how, upgrade)) in upgrades.iter().enumerate() {
+        let log = std::fs::read_to_string(pg.log_file()).unwrap();
+        assert_eq!(log.matches(&started).count(), step + 1, "no server of its own before upgrade by {how}:\n{log}");
+        let old_pid = server_pid(&log, &started);
+        let lost_before = log.matches(lost).count();
+        upgrade();
+        archived.extend((0..2).map(|_| complete_a_segment(&pg)));
+        wait_archived(&pg);
+        let log = std::fs::read_to_string(pg.log_file()).unwrap();
+        let noticed = format!(
+            "walvault: the archive server (pid {old_pid}) runs a walvault binary that has since been replaced; starting the new one"
+        );
+        assert!(log.contains(&noticed), "the upgrade by {how} was not noticed:\n{log}");
+        assert_eq!(log.matches(&started).count(), step + 2, "the upgrade by {how} got no server of its own:\n{log}");
+        assert_eq!(log.matches(lost).count(), lost_before, "a server was lost across the upgrade by {how}:\n{log}");
+        assert!(!Path::new(&format!("/proc/{old_pid}")).exists(), "the old server {old_pid} is still there");
+    }
+    for name in &archived {
         let data = std::fs::read(pg.data_dir().join("pg_wal").join(name)).unwrap();
         assert_eq!(fetch(&env, name).as_deref(), Some(data.as_slice()), "{name}");
     }
     let log = std::fs::read_to_string(pg.log_file()).unwrap();
-    assert!(
-        log.contains(&format!(
-            "walvault: the archive server (pid {old_pid}) runs a walvault binary that has since been replaced; starting the new one"
-        )),
-        "the upgrade was not noticed:\n{log}"
-    );
-    assert_eq!(log.matches(&started).count(), 2, "the upgraded binary did not get a server of its own:\n{log}");
-    assert_eq!(log.matches(lost).count(), lost_before, "a server was lost across the upgrade:\n{log}");
-    assert!(!Path::new(&format!("/proc/{old_pid}")).exists(), "the old server {old_pid} is still there");
 
     // The server leaves with the archiver.
     let pid = server_pid(&log, &started);

@@ -34,10 +34,10 @@ pub async fn run(ctx: &Ctx) -> Result<i32> {
     let binary = Binary::now();
     tracing::debug!("archive server ready");
     while let Some(line) = requests.recv().await {
-        if binary.replaced() {
+        if let Some(path) = binary.replaced() {
             tracing::info!(
                 "archive-server: {} was replaced since this server started (walvault upgraded?): leaving, so that the module runs the new one",
-                binary.path.display()
+                path.display()
             );
             let _ = writeln!(answers, "again").and_then(|()| answers.flush());
             break;
@@ -135,33 +135,43 @@ fn stamp_of(ctx: &Ctx) -> Option<SystemTime> {
     std::fs::metadata(source).and_then(|m| m.modified()).ok()
 }
 
-/// The executable this server runs, as a path and the identity of the file
-/// there when the server started. A package upgrade puts a new file at the
-/// path (a new inode); the running server keeps the old one.
+/// The executable this server runs: the file it was started from, and the
+/// path it was started by when that is a path (through a symlink, say), each
+/// with the identity of the file there when the server started. A package
+/// upgrade puts a new file at the path (a new inode), or points the symlink
+/// at a new one; the running server keeps the old file.
 struct Binary {
-    path: PathBuf,
-    identity: Option<(u64, u64, Option<SystemTime>)>,
+    watched: Vec<(PathBuf, Option<FileId>)>,
 }
+
+type FileId = (u64, u64, Option<SystemTime>);
 
 impl Binary {
     fn now() -> Self {
         let path = std::env::current_exe().unwrap_or_default();
-        let identity = Self::identity_of(&path);
-        Binary { path, identity }
+        let mut watched = vec![(path.clone(), Self::identity_of(&path))];
+        if let Some(invoked) = std::env::args_os().next().map(PathBuf::from)
+            && invoked.components().count() > 1
+            && invoked != path
+        {
+            let identity = Self::identity_of(&invoked);
+            watched.push((invoked, identity));
+        }
+        Binary { watched }
     }
 
-    fn identity_of(path: &std::path::Path) -> Option<(u64, u64, Option<SystemTime>)> {
+    fn identity_of(path: &std::path::Path) -> Option<FileId> {
         use std::os::unix::fs::MetadataExt;
         let m = std::fs::metadata(path).ok()?;
         Some((m.dev(), m.ino(), m.modified().ok()))
     }
 
-    /// Whether another file is at the path now. A path that cannot be read
-    /// for the moment (mid-upgrade) is not taken for a replacement.
-    fn replaced(&self) -> bool {
-        match (&self.identity, Self::identity_of(&self.path)) {
-            (Some(then), Some(now)) => *then != now,
-            _ => false,
-        }
+    /// The path where another file is now, if any. A path that cannot be
+    /// read for the moment (mid-upgrade) is not taken for a replacement.
+    fn replaced(&self) -> Option<&std::path::Path> {
+        self.watched.iter().find_map(|(path, then)| match (then, Self::identity_of(path)) {
+            (Some(then), Some(now)) if *then != now => Some(path.as_path()),
+            _ => None,
+        })
     }
 }
