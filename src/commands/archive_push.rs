@@ -361,7 +361,7 @@ fn read_marker(dir: &Path, name: &str) -> Option<Marker> {
 /// ready for archiving (a recycled one gets another name), so a segment whose
 /// file still has the identity a marker recorded is the one that was stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct FileIdentity {
+pub(crate) struct FileIdentity {
     dev: u64,
     ino: u64,
     size: u64,
@@ -369,7 +369,7 @@ struct FileIdentity {
 }
 
 impl FileIdentity {
-    fn of(path: &Path) -> Option<FileIdentity> {
+    pub(crate) fn of(path: &Path) -> Option<FileIdentity> {
         std::fs::metadata(path).ok().map(|m| FileIdentity::from_metadata(&m))
     }
 

@@ -21,7 +21,8 @@ use std::os::fd::FromRawFd;
 use std::path::PathBuf;
 use std::time::SystemTime;
 
-use super::{Ctx, archive_push};
+use super::Ctx;
+use super::archive_push::{self, FileIdentity};
 use crate::cli::ArchivePushArgs;
 use crate::config;
 use crate::error::{Error, Result};
@@ -141,35 +142,27 @@ fn stamp_of(ctx: &Ctx) -> Option<SystemTime> {
 /// upgrade puts a new file at the path (a new inode), or points the symlink
 /// at a new one; the running server keeps the old file.
 struct Binary {
-    watched: Vec<(PathBuf, Option<FileId>)>,
+    watched: Vec<(PathBuf, Option<FileIdentity>)>,
 }
-
-type FileId = (u64, u64, Option<SystemTime>);
 
 impl Binary {
     fn now() -> Self {
         let path = std::env::current_exe().unwrap_or_default();
-        let mut watched = vec![(path.clone(), Self::identity_of(&path))];
+        let mut watched = vec![(path.clone(), FileIdentity::of(&path))];
         if let Some(invoked) = std::env::args_os().next().map(PathBuf::from)
             && invoked.components().count() > 1
             && invoked != path
         {
-            let identity = Self::identity_of(&invoked);
+            let identity = FileIdentity::of(&invoked);
             watched.push((invoked, identity));
         }
         Binary { watched }
     }
 
-    fn identity_of(path: &std::path::Path) -> Option<FileId> {
-        use std::os::unix::fs::MetadataExt;
-        let m = std::fs::metadata(path).ok()?;
-        Some((m.dev(), m.ino(), m.modified().ok()))
-    }
-
     /// The path where another file is now, if any. A path that cannot be
     /// read for the moment (mid-upgrade) is not taken for a replacement.
     fn replaced(&self) -> Option<&std::path::Path> {
-        self.watched.iter().find_map(|(path, then)| match (then, Self::identity_of(path)) {
+        self.watched.iter().find_map(|(path, then)| match (then, FileIdentity::of(path)) {
             (Some(then), Some(now)) if *then != now => Some(path.as_path()),
             _ => None,
         })

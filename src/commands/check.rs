@@ -276,19 +276,22 @@ pub async fn run(ctx: &Ctx, args: &CheckArgs) -> Result<i32> {
     // PostgreSQL's own account, read after the switch so that it covers the
     // attempt to archive the switched segment.
     if archiving {
-        let mut state = archiver_state(&params).await;
-        // The object is stored before PostgreSQL's archiver records the
-        // success: give its statistics a moment to catch up with the delivery.
-        if let Some(seg) = &delivered {
-            let until = Instant::now() + Duration::from_secs(5);
-            while let Ok(s) = &state
-                && s.last_archived.as_ref().is_none_or(|(wal, _, _)| wal < seg)
-                && Instant::now() < until
-            {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                state = archiver_state(&params).await;
+        let state = async {
+            let mut conn = Connection::connect(&database_params(&params), Mode::Database).await?;
+            let mut state = archiver_state(&mut conn).await?;
+            // The object is stored before PostgreSQL's archiver records the
+            // success: give its statistics a moment to catch up with the delivery.
+            if let Some(seg) = &delivered {
+                let until = Instant::now() + Duration::from_secs(5);
+                while state.last_archived.as_ref().is_none_or(|(wal, _, _)| wal < seg) && Instant::now() < until {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    state = archiver_state(&mut conn).await?;
+                }
             }
+            let _ = conn.close().await;
+            Ok::<_, Error>(state)
         }
+        .await;
         match state {
             Ok(state) => report_archiver(&mut r, &state),
             Err(e) => r.skip("archiver", format!("cannot read pg_stat_archiver: {e}")),
@@ -298,7 +301,7 @@ pub async fn run(ctx: &Ctx, args: &CheckArgs) -> Result<i32> {
 }
 
 /// What pg_stat_archiver and pg_wal/archive_status say about archiving.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct ArchiverState {
     archived: i64,
     /// The last file archived, when, and how long ago (seconds).
@@ -311,8 +314,7 @@ struct ArchiverState {
     ready: Option<(i64, String)>,
 }
 
-async fn archiver_state(params: &ConnParams) -> Result<ArchiverState> {
-    let mut conn = Connection::connect(&database_params(params), Mode::Database).await?;
+async fn archiver_state(conn: &mut Connection) -> Result<ArchiverState> {
     let when = |col: &str| {
         format!(
             "coalesce(to_char({col} AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS\"Z\"'), ''), coalesce(extract(epoch FROM now() - {col})::bigint, 0)"
@@ -347,7 +349,6 @@ async fn archiver_state(params: &ConnParams) -> Result<ArchiverState> {
         let oldest = row.get(1).cloned().flatten().unwrap_or_default();
         state.ready = Some((n, oldest.trim_end_matches(".ready").to_string()));
     }
-    let _ = conn.close().await;
     Ok(state)
 }
 
